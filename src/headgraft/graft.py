@@ -198,7 +198,7 @@ def add_classes(
             generator=generator,
             options=options,
             logits=lambda x, _m=module: head_logits(_m, x),
-            cosine_scale=float(base.scale) if isinstance(base, CosineLinear) else None,
+            cosine_scale=float(base.scale.detach()) if isinstance(base, CosineLinear) else None,
         )
         if path not in feats and init in ("imprint",) and examples is not None:
             ctx.options = {**options}

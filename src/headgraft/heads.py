@@ -8,6 +8,7 @@ locators in order; the first that recognises the model decides.
 from __future__ import annotations
 
 import copy
+import difflib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -158,9 +159,11 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError:
+        close = difflib.get_close_matches(path, [n for n, _ in model.named_modules() if n], 1)
+        hint = f"did you mean {close[0]!r}? (run" if close else "run"
         raise HeadNotFoundError(
-            f"the model has no module {path!r}; run `headgraft inspect` or "
-            "print(model) to see its module names"
+            f"the model has no module {path!r}; {hint} `headgraft inspect` or "
+            "print(model) to see its module names" + (")" if close else "")
         ) from None
 
 
@@ -369,6 +372,14 @@ def _inside_split(name: str, model: nn.Module) -> bool:
     return bool(parent) and isinstance(get_module(model, parent), SplitHead)
 
 
+def _auto_path(model: nn.Module) -> str | None:
+    """The head paths the locators find on their own, for "did you mean" hints."""
+    try:
+        return ",".join(find_head(model).paths)
+    except HeadNotFoundError:
+        return None
+
+
 def find_head(model: nn.Module, path: str | None = None) -> Head:
     """Locate the classification head of ``model``.
 
@@ -387,7 +398,8 @@ def find_head(model: nn.Module, path: str | None = None) -> Head:
             m = get_module(model, p)
             if not is_head_module(m):
                 inner = [n for n, c in m.named_modules() if n and is_head_module(c)]
-                hint = f"; did you mean {p}.{inner[-1]!r}?" if inner else ""
+                guess = f"{p}.{inner[-1]}" if inner else _auto_path(model)
+                hint = f"; did you mean {guess!r}?" if guess else ""
                 raise HeadNotFoundError(
                     f"module {p!r} is a {type(m).__name__}, not a classification head "
                     f"(supported: {', '.join(HEAD_KINDS.names())}){hint}"
