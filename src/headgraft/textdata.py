@@ -154,8 +154,7 @@ def stdlib_docs(
     names = list(TOPICS) if topics is None else list(topics)
     unknown = [t for t in names if t not in TOPICS]
     if unknown:
-        raise InputError(f"unknown topic(s) {', '.join(unknown)}; choose from: "
-                         f"{', '.join(TOPICS)}")
+        raise InputError(f"unknown topic(s) {', '.join(unknown)}; choose from: {', '.join(TOPICS)}")
     found = {t: _topic_texts(TOPICS[t], min_chars, max_chars) for t in names}
     seen: dict[str, int] = {}
     for texts in found.values():
@@ -165,8 +164,10 @@ def stdlib_docs(
     for t in names:
         texts = sorted(x for x in found[t] if seen[x] == 1)
         if len(texts) < per_class:
-            raise InputError(f"topic {t!r} has only {len(texts)} docstrings on this Python; "
-                             f"ask for per_class <= {len(texts)}")
+            raise InputError(
+                f"topic {t!r} has only {len(texts)} docstrings on this Python; "
+                f"ask for per_class <= {len(texts)}"
+            )
         random.Random(f"{seed}:{t}").shuffle(texts)
         out.extend(TextExample(x, t, found[t][x]) for x in texts[:per_class])
     return out
@@ -183,8 +184,10 @@ def split(
     test: list[TextExample] = []
     for label, group in by_label.items():
         if len(group) <= test_per_class:
-            raise InputError(f"class {label!r} has {len(group)} examples, not more than "
-                             f"test_per_class={test_per_class}; lower it")
+            raise InputError(
+                f"class {label!r} has {len(group)} examples, not more than "
+                f"test_per_class={test_per_class}; lower it"
+            )
         train.extend(group[:-test_per_class])
         test.extend(group[-test_per_class:])
     return train, test
