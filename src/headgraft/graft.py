@@ -279,6 +279,7 @@ def remove_classes(model: nn.Module, labels: Sequence[str], *, head: str | None 
 def fuse(model: nn.Module, *, head: str | None = None) -> nn.Module:
     """Turn split heads into one ordinary layer each (rows bit-identical); returns the model."""
     h = find_head(model, head)
+    labels = model_labels(model, head)
     result = model
     for path in h.paths:
         module = get_module(model, path)
@@ -288,6 +289,8 @@ def fuse(model: nn.Module, *, head: str | None = None) -> nn.Module:
                 result = fused
             else:
                 set_module(model, path, fused)
+    if result is not model:  # the model was the head: its label names move to the new layer
+        set_model_labels(result, labels)
     return result
 
 
@@ -299,6 +302,7 @@ def split(model: nn.Module, at: int, *, head: str | None = None) -> nn.Module:
     h = find_head(model, head)
     if not 0 < at < h.num_classes:
         raise InputError(f"split point {at} must be between 1 and {h.num_classes - 1}")
+    labels = model_labels(model, head)
     result = model
     for path in h.paths:
         module = get_module(model, path)
@@ -312,4 +316,6 @@ def split(model: nn.Module, at: int, *, head: str | None = None) -> nn.Module:
             result = grown
         else:
             set_module(model, path, grown)
+    if result is not model:
+        set_model_labels(result, labels)
     return result

@@ -327,7 +327,12 @@ def _fx_heads(model: nn.Module) -> list[str] | None:
     try:
         from torch import fx
 
-        graph = fx.symbolic_trace(model).graph
+        class HeadTracer(fx.Tracer):
+            # keep heads whole: a split or cosine head is one call, not its insides
+            def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+                return is_head_module(m) or super().is_leaf_module(m, qualname)
+
+        graph = HeadTracer().trace(model)
     except Exception:  # noqa: BLE001 - untraceable models fall back to module order
         return None
     modules = dict(model.named_modules())

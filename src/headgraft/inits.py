@@ -71,6 +71,12 @@ class InitContext:
     def mean_norm(self) -> float:
         return float(self.weight.norm(dim=1).mean())
 
+    def spread(self) -> float:
+        """The old rows' element std; 1/sqrt(in_features) when there is none (one element,
+        or all equal), so noise scaled by it never vanishes or turns NaN."""
+        std = float(self.weight.std()) if self.weight.numel() > 1 else 0.0
+        return std if std > 0 else 1.0 / math.sqrt(self.in_features)
+
     def need_features(self, init: str) -> dict[str, torch.Tensor]:
         if not self.features:
             raise InputError(
@@ -151,7 +157,7 @@ def _random(ctx: InitContext) -> NewRows:
         bound = math.sqrt(6.0 / (fan_in + ctx.num_total))
         w = (ctx.rand(ctx.k, fan_in) * 2 - 1) * bound
     elif dist == "normal":
-        std = float(ctx.weight.std()) if ctx.weight.numel() > 1 else 1.0 / math.sqrt(fan_in)
+        std = ctx.spread()
         w = ctx.randn(ctx.k, fan_in) * std + float(ctx.weight.mean())
     else:
         raise InputError(
@@ -163,7 +169,7 @@ def _random(ctx: InitContext) -> NewRows:
 
 def _noise(ctx: InitContext, like: torch.Tensor) -> torch.Tensor:
     """Small noise (``noise`` x the old rows' element std) so that copies never tie."""
-    scale = float(ctx.options.get("noise", 0.01)) * float(ctx.weight.std())
+    scale = float(ctx.options.get("noise", 0.01)) * ctx.spread()
     return ctx.randn(*like.shape) * scale
 
 
@@ -216,6 +222,8 @@ def _mean(ctx: InitContext) -> NewRows:
     z = ctx.randn(ctx.k, w.shape[0]).double()
     eps = float(ctx.options.get("noise", 1e-2))
     sample = z @ centred / math.sqrt(max(w.shape[0], 1))
+    if not sample.abs().sum():  # one old row (or all equal): no covariance to sample from
+        sample = ctx.randn(ctx.k, w.shape[1]).double() * ctx.spread()
     return NewRows((mu + math.sqrt(eps) * sample).float())
 
 
