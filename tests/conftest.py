@@ -35,7 +35,5 @@ def digits_base(digits_split: Split) -> nn.Module:
 @pytest.fixture(scope="session")
 def digits_shots(digits_split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     """The first 10 training examples of each new digit (7, 8, 9), labels as digit indices."""
-    idx = torch.cat(
-        [torch.nonzero(digits_split.y_train == c).flatten()[:10] for c in NEW_DIGITS]
-    )
+    idx = torch.cat([torch.nonzero(digits_split.y_train == c).flatten()[:10] for c in NEW_DIGITS])
     return digits_split.x_train[idx], digits_split.y_train[idx]

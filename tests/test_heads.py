@@ -49,8 +49,14 @@ def _tokens(vocab: int) -> Callable[[int, torch.Generator], dict[str, torch.Tens
     return make
 
 
-_TINY_TEXT = {"vocab_size": 99, "hidden_size": 32, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "intermediate_size": 37, "max_position_embeddings": 40}
+_TINY_TEXT = {
+    "vocab_size": 99,
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 37,
+    "max_position_embeddings": 40,
+}
 
 
 def _bert() -> nn.Module:
@@ -64,15 +70,22 @@ def _roberta() -> nn.Module:
 
 
 def _llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(**_TINY_TEXT, num_key_value_heads=2, pad_token_id=0,
-                                   num_labels=NUM_CLASSES)
+    cfg = transformers.LlamaConfig(
+        **_TINY_TEXT, num_key_value_heads=2, pad_token_id=0, num_labels=NUM_CLASSES
+    )
     return transformers.LlamaForSequenceClassification(cfg)
 
 
 def _distilbert() -> nn.Module:
-    cfg = transformers.DistilBertConfig(vocab_size=99, dim=32, n_layers=1, n_heads=2,
-                                        hidden_dim=37, max_position_embeddings=40,
-                                        num_labels=NUM_CLASSES)
+    cfg = transformers.DistilBertConfig(
+        vocab_size=99,
+        dim=32,
+        n_layers=1,
+        n_heads=2,
+        hidden_dim=37,
+        max_position_embeddings=40,
+        num_labels=NUM_CLASSES,
+    )
     return transformers.DistilBertForSequenceClassification(cfg)
 
 
@@ -101,34 +114,79 @@ class Family:
 
 FAMILIES = [
     Family("tv-resnet18", lambda: tvm.resnet18(num_classes=7), _images(32), "fc"),
-    Family("tv-vgg11", lambda: tvm.vgg11(num_classes=7), _images(32), "classifier.6",
-           not_heads=("classifier.3",)),
-    Family("tv-mobilenet_v3_small", lambda: tvm.mobilenet_v3_small(num_classes=7), _images(32),
-           "classifier.3", not_heads=("classifier.0",)),
-    Family("tv-efficientnet_b0", lambda: tvm.efficientnet_b0(num_classes=7), _images(32),
-           "classifier.1"),
-    Family("tv-convnext_tiny", lambda: tvm.convnext_tiny(num_classes=7), _images(32),
-           "classifier.2"),
+    Family(
+        "tv-vgg11",
+        lambda: tvm.vgg11(num_classes=7),
+        _images(32),
+        "classifier.6",
+        not_heads=("classifier.3",),
+    ),
+    Family(
+        "tv-mobilenet_v3_small",
+        lambda: tvm.mobilenet_v3_small(num_classes=7),
+        _images(32),
+        "classifier.3",
+        not_heads=("classifier.0",),
+    ),
+    Family(
+        "tv-efficientnet_b0",
+        lambda: tvm.efficientnet_b0(num_classes=7),
+        _images(32),
+        "classifier.1",
+    ),
+    Family(
+        "tv-convnext_tiny", lambda: tvm.convnext_tiny(num_classes=7), _images(32), "classifier.2"
+    ),
     Family("tv-densenet121", lambda: tvm.densenet121(num_classes=7), _images(32), "classifier"),
     # the 1x1 conv head sits before a ReLU and a global pool; 32x32 is too small for its stem
-    Family("tv-squeezenet1_0", lambda: tvm.squeezenet1_0(num_classes=7), _images(64),
-           "classifier.1", kind="conv1x1"),
-    Family("tv-vit_b_16", lambda: tvm.vit_b_16(num_classes=7, image_size=32), _images(32),
-           "heads.head"),
+    Family(
+        "tv-squeezenet1_0",
+        lambda: tvm.squeezenet1_0(num_classes=7),
+        _images(64),
+        "classifier.1",
+        kind="conv1x1",
+    ),
+    Family(
+        "tv-vit_b_16", lambda: tvm.vit_b_16(num_classes=7, image_size=32), _images(32), "heads.head"
+    ),
     Family("tv-swin_t", lambda: tvm.swin_t(num_classes=7), _images(32), "head"),
     # maxvit_t's partition size 7 needs every stage's map divisible by 7: 224 is the smallest
-    Family("tv-maxvit_t", lambda: tvm.maxvit_t(num_classes=7), _images(224), "classifier.5",
-           bias=False, not_heads=("classifier.3",)),
+    Family(
+        "tv-maxvit_t",
+        lambda: tvm.maxvit_t(num_classes=7),
+        _images(224),
+        "classifier.5",
+        bias=False,
+        not_heads=("classifier.3",),
+    ),
     Family("timm-resnet18", _timm("resnet18"), _images(32), "fc", framework="timm"),
-    Family("timm-deit_tiny_distilled", _timm("deit_tiny_distilled_patch16_224", img_size=32),
-           _images(32), "head", paths=("head", "head_dist"), framework="timm"),
+    Family(
+        "timm-deit_tiny_distilled",
+        _timm("deit_tiny_distilled_patch16_224", img_size=32),
+        _images(32),
+        "head",
+        paths=("head", "head_dist"),
+        framework="timm",
+    ),
     Family("timm-dla34", _timm("dla34"), _images(32), "fc", kind="conv1x1", framework="timm"),
     Family("hf-bert", _bert, _tokens(99), "classifier", framework="transformers"),
-    Family("hf-roberta", _roberta, _tokens(99), "classifier.out_proj", framework="transformers",
-           not_heads=("classifier.dense",)),
+    Family(
+        "hf-roberta",
+        _roberta,
+        _tokens(99),
+        "classifier.out_proj",
+        framework="transformers",
+        not_heads=("classifier.dense",),
+    ),
     Family("hf-llama", _llama, _tokens(99), "score", bias=False, framework="transformers"),
-    Family("hf-distilbert", _distilbert, _tokens(99), "classifier", framework="transformers",
-           not_heads=("pre_classifier",)),
+    Family(
+        "hf-distilbert",
+        _distilbert,
+        _tokens(99),
+        "classifier",
+        framework="transformers",
+        not_heads=("pre_classifier",),
+    ),
 ]
 BY_ID = {f.id: f for f in FAMILIES}
 IDS = [f.id for f in FAMILIES]
