@@ -62,8 +62,9 @@ def _reduce(x: torch.Tensor, inputs: Any) -> torch.Tensor:
         return x.mean(dim=(2, 3))
     if x.dim() == 3:  # [N, T, d] into a per-token head whose logits are pooled at the end
         mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-        if mask is not None:
-            last = mask.long().sum(1).clamp_min(1) - 1
+        if mask is not None:  # the last attended position, for left and right padding alike
+            pos = torch.arange(mask.shape[1], device=mask.device)
+            last = (pos * (mask != 0)).argmax(1)
             return x[torch.arange(len(x), device=x.device), last.to(x.device)]
         return x[:, -1]
     return x.flatten(1) if x.dim() > 2 else x
