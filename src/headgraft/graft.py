@@ -177,7 +177,7 @@ def add_classes(
     else:
         generator.manual_seed(seed)
 
-    result = model
+    grown_heads: list[tuple[str, nn.Module, nn.Module]] = []
     for path in h.paths:
         module = get_module(model, path)
         base = leaf(module)
@@ -220,12 +220,16 @@ def add_classes(
         if layout == "split":
             block = with_rows(base, w_new, b_new)
             grown: nn.Module = SplitHead(module, block, dim=head_kind(base).dim)
-            transplant_hooks(module, grown)
         else:
-            grown = _fused(module, torch.cat([w_old, w_new]),
-                           None if b_old is None else torch.cat([b_old, b_new]))
+            grown = with_rows(base, torch.cat([w_old, w_new]),
+                              None if b_old is None else torch.cat([b_old, b_new]))
         log.info("grew %s from %d to %d classes with init=%s: %s", path or "<model>",
                  len(old_map), len(new_map), init, rows.report(w2))
+        grown_heads.append((path, module, grown))
+    # replace only once every head has grown, so an error leaves the model as it was
+    result = model
+    for path, module, grown in grown_heads:
+        transplant_hooks(module, grown)
         if path == "":
             result = grown
         else:
@@ -237,7 +241,7 @@ def add_classes(
 def _bias_for(ctx: InitContext, rows: NewRows, bias: str, path: str,
               has_bias: bool) -> torch.Tensor | None:
     if not has_bias:
-        if bias in ("silent", "prior"):
+        if bias not in ("auto", "zero"):  # a policy that would set values it cannot store
             raise UnsupportedHeadError(
                 f"head {path!r} has no bias, so bias policy {bias!r} cannot be applied; use "
                 "bias='auto' (or a head with a bias)"
