@@ -502,3 +502,32 @@ def test_non_finite_head_is_refused() -> None:
         model[2].weight[0, 0] = float("nan")
     with pytest.raises(hg.InputError, match="NaN or Inf"):
         hg.add_classes(model, ["x"])
+
+
+@pytest.mark.parametrize("bias", ["silent", "prior", "balanced", "mean"])
+def test_bias_policy_needing_a_bias_is_refused_on_a_head_without_one(bias: str) -> None:
+    head = nn.Linear(6, 4, bias=False)
+    stats = hg.ClassStats.from_features(
+        torch.randn(10, 6), torch.arange(10) % 5, ["0", "1", "2", "3", "x"]
+    )
+    with pytest.raises(hg.UnsupportedHeadError, match=f"no bias, so bias policy '{bias}'"):
+        hg.add_classes(
+            head, ["x"], bias=bias, stats=stats, examples=(torch.randn(2, 6), ["x", "x"])
+        )
+    assert hg.add_classes(head, ["x"], bias="zero", seed=0).bias is None
+
+
+def test_a_failure_on_the_second_head_leaves_every_head_unchanged() -> None:
+    model = timm.create_model(
+        "deit_tiny_distilled_patch16_224", pretrained=False, num_classes=4, img_size=32
+    )
+    with torch.no_grad():
+        model.head_dist.weight[0, 0] = float("inf")
+    head, seen = model.head, []
+    model.head.register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+    with pytest.raises(hg.InputError, match="'head_dist' contains NaN or Inf"):
+        hg.add_classes(model, ["x"], layout="split")
+    assert model.head is head and model.head.out_features == 4
+    assert model.num_classes == 4 and hg.labels(model).names == ["0", "1", "2", "3"]
+    model.eval()(torch.randn(1, 3, 32, 32))
+    assert seen == [4]  # the hook is still on the head
