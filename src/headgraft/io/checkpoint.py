@@ -568,8 +568,7 @@ class TorchCheckpoint(Checkpoint):
         meta.setdefault("", {})[TORCH_LABELS_KEY] = list(labels)
         sd._metadata = meta  # type: ignore[attr-defined]
         container = _rebuild(self.obj, self.keys, sd)
-        if isinstance(container, Mapping) and row_map is not None:
-            container = dict(container)
+        if self.keys and row_map is not None:  # a training checkpoint: grow its optimizers
             old_shapes = [self.shape(k) for k in replace]
             for key, value in container.items():
                 if isinstance(value, Mapping) and {"state", "param_groups"} <= set(value):
