@@ -29,4 +29,14 @@ from .layers import CosineLinear as CosineLinear
 from .layers import SplitHead as SplitHead
 from .stats import ClassStats as ClassStats
 
+# learn and prove: both modules are callable (headgraft.learn(...), headgraft.evaluate(...))
+from . import evaluate as evaluate  # noqa: E402  isort: skip
+from . import learn as learn  # noqa: E402  isort: skip
+from .evaluate import EvalReport as EvalReport  # noqa: E402  isort: skip
+from .learn import DistillationLoss as DistillationLoss  # noqa: E402  isort: skip
+from .learn import ExemplarMemory as ExemplarMemory  # noqa: E402  isort: skip
+from .learn import LearnConfig as LearnConfig  # noqa: E402  isort: skip
+from .learn import Learner as Learner  # noqa: E402  isort: skip
+from .learn import freeze_old_rows as freeze_old_rows  # noqa: E402  isort: skip
+
 __version__ = "0.1.0"
