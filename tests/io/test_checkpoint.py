@@ -51,9 +51,13 @@ def _mlp_state(n: int = 5, d: int = 8) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("raw", "clean"),
-    [("module.fc.weight", "fc.weight"), ("module.module.fc.bias", "fc.bias"),
-     ("_orig_mod.fc.weight", "fc.weight"), ("module._orig_mod.head.fc.bias", "head.fc.bias"),
-     ("pre_module.fc.weight", "pre_module.fc.weight")],
+    [
+        ("module.fc.weight", "fc.weight"),
+        ("module.module.fc.bias", "fc.bias"),
+        ("_orig_mod.fc.weight", "fc.weight"),
+        ("module._orig_mod.head.fc.bias", "head.fc.bias"),
+        ("pre_module.fc.weight", "pre_module.fc.weight"),
+    ],
 )
 def test_clean_name_strips_wrapper_prefixes_only(raw: str, clean: str) -> None:
     assert clean_name(raw) == clean
@@ -118,8 +122,12 @@ def test_truncated_and_corrupt_safetensors_are_detected(tmp_path) -> None:
     good = tmp_path / "good.safetensors"
     save_file(_mlp_state(), good)
     data = good.read_bytes()
-    cases = {"trunc": data[:-10], "header": data[:8] + b"{not json" + data[17:],
-             "tiny": data[:5], "huge": (10**12).to_bytes(8, "little") + data[8:]}
+    cases = {
+        "trunc": data[:-10],
+        "header": data[:8] + b"{not json" + data[17:],
+        "tiny": data[:5],
+        "huge": (10**12).to_bytes(8, "little") + data[8:],
+    }
     for name, blob in cases.items():
         (tmp_path / f"{name}.safetensors").write_bytes(blob)
         with pytest.raises(InputError, match="truncated or corrupt"):
@@ -133,8 +141,12 @@ def test_rewrite_replaces_the_head_and_copies_every_other_tensor_bit_for_bit(tmp
     grown_w = torch.cat([sd["fc.weight"], torch.ones(2, 8)])
     grown_b = torch.cat([sd["fc.bias"], torch.zeros(2)])
     dst = tmp_path / "out.safetensors"
-    rewrite_safetensors(read_header(src), dst, {"fc.weight": grown_w, "fc.bias": grown_b},
-                        {"format": "pt", "note": "kept", "labels": "[]"})
+    rewrite_safetensors(
+        read_header(src),
+        dst,
+        {"fc.weight": grown_w, "fc.bias": grown_b},
+        {"format": "pt", "note": "kept", "labels": "[]"},
+    )
     out = load_file(dst)
     assert set(out) == set(sd)
     for k, v in sd.items():
@@ -148,8 +160,9 @@ def test_rewrite_replaces_the_head_and_copies_every_other_tensor_bit_for_bit(tmp
 @settings(max_examples=25, deadline=None)
 @given(
     shapes=st.lists(st.tuples(st.integers(1, 7), st.integers(1, 5)), min_size=1, max_size=5),
-    dtypes=st.lists(st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "F64"]), min_size=5,
-                    max_size=5),
+    dtypes=st.lists(
+        st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "F64"]), min_size=5, max_size=5
+    ),
     head_rows=st.integers(1, 6),
     extra=st.integers(0, 4),
 )
@@ -158,13 +171,19 @@ def test_rewrite_property_any_layout(tmp_path_factory, shapes, dtypes, head_rows
     valid for the safetensors library."""
     tmp = tmp_path_factory.mktemp("prop")
     g = torch.Generator().manual_seed(len(shapes))
-    sd = {f"t{i}": (torch.randn(*s, generator=g) * 50).to(DTYPES[dt])
-          for i, (s, dt) in enumerate(zip(shapes, dtypes))}
+    sd = {
+        f"t{i}": (torch.randn(*s, generator=g) * 50).to(DTYPES[dt])
+        for i, (s, dt) in enumerate(zip(shapes, dtypes))
+    }
     sd["head.weight"] = torch.randn(head_rows, 3, generator=g).half()
     save_file(sd, tmp / "a.safetensors")
     new = torch.randn(head_rows + extra, 3, generator=g).half()
-    rewrite_safetensors(read_header(tmp / "a.safetensors"), tmp / "b.safetensors",
-                        {"head.weight": new}, {"format": "pt"})
+    rewrite_safetensors(
+        read_header(tmp / "a.safetensors"),
+        tmp / "b.safetensors",
+        {"head.weight": new},
+        {"format": "pt"},
+    )
     out = load_file(tmp / "b.safetensors")
     assert _bits(out["head.weight"]) == _bits(new)
     for k, v in sd.items():
@@ -182,7 +201,12 @@ def _shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 def test_shape_rule_finds_the_layer_whose_output_nothing_reads() -> None:
     (h,) = find_head_tensors(_shapes(_mlp_state()))
     assert (h.prefix, h.weight, h.bias, h.num_classes, h.in_features) == (
-        "fc", "fc.weight", "fc.bias", 5, 8)
+        "fc",
+        "fc.weight",
+        "fc.bias",
+        5,
+        8,
+    )
 
 
 def test_shape_rule_with_a_label_count_and_a_clear_error_for_two_candidates() -> None:
@@ -206,8 +230,13 @@ def test_named_head_errors_list_the_candidates() -> None:
 
 
 def test_conv1x1_heads_and_root_layers() -> None:
-    (h,) = find_head_tensors({"features.weight": (64, 3, 3, 3), "classifier.1.weight":
-                              (10, 64, 1, 1), "classifier.1.bias": (10,)})
+    (h,) = find_head_tensors(
+        {
+            "features.weight": (64, 3, 3, 3),
+            "classifier.1.weight": (10, 64, 1, 1),
+            "classifier.1.bias": (10,),
+        }
+    )
     assert h.conv and h.num_classes == 10 and h.prefix == "classifier.1"
     (root,) = find_head_tensors({"weight": (4, 32), "bias": (4,)})
     assert root.prefix == ""
@@ -259,12 +288,17 @@ def test_sharded_checkpoint_rewrites_only_the_head_shard(tmp_path) -> None:
     save_file(shard1, src / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
     save_file(shard2, src / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
     total = sum(v.numel() * 4 for v in sd.values())
-    index = {"metadata": {"total_size": total}, "weight_map": {
-        **{k: "model-00001-of-00002.safetensors" for k in shard1},
-        **{k: "model-00002-of-00002.safetensors" for k in shard2}}}
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {
+            **{k: "model-00001-of-00002.safetensors" for k in shard1},
+            **{k: "model-00002-of-00002.safetensors" for k in shard2},
+        },
+    }
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
-    (src / "config.json").write_text(json.dumps({"id2label": {str(i): c for i, c in
-                                                              enumerate("vwxyz")}}))
+    (src / "config.json").write_text(
+        json.dumps({"id2label": {str(i): c for i, c in enumerate("vwxyz")}})
+    )
     (src / "tokenizer.json").write_text("{}")
     ckpt = open_checkpoint(src / "model.safetensors.index.json")
     assert ckpt.labels() == list("vwxyz")
@@ -273,8 +307,9 @@ def test_sharded_checkpoint_rewrites_only_the_head_shard(tmp_path) -> None:
     ckpt.write(tmp_path / "out", {"fc.weight": w, "fc.bias": b}, list("vwxyzq"))
     out = tmp_path / "out"
     assert sorted(os.listdir(out)) == sorted(os.listdir(src))
-    assert (out / "model-00001-of-00002.safetensors").read_bytes() == \
-        (src / "model-00001-of-00002.safetensors").read_bytes()
+    assert (out / "model-00001-of-00002.safetensors").read_bytes() == (
+        src / "model-00001-of-00002.safetensors"
+    ).read_bytes()
     new_index = json.loads((out / "model.safetensors.index.json").read_text())
     assert new_index["metadata"]["total_size"] == total + 9 * 4
     assert json.loads((out / "config.json").read_text())["label2id"]["q"] == 5
@@ -283,8 +318,9 @@ def test_sharded_checkpoint_rewrites_only_the_head_shard(tmp_path) -> None:
 
 
 def test_missing_shard_and_unknown_format_are_input_errors(tmp_path) -> None:
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"fc.weight": "model-00001-of-00001.safetensors"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"fc.weight": "model-00001-of-00001.safetensors"}})
+    )
     with pytest.raises(InputError, match="missing"):
         open_checkpoint(tmp_path / "model.safetensors.index.json")
     (tmp_path / "weights.h5").write_bytes(b"x")

@@ -38,8 +38,10 @@ def _trained(name: str, steps: int = 5) -> tuple[nn.Module, torch.optim.Optimize
 
 
 def _head_state(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, dict]:
-    return {k: {s: (v.clone() if torch.is_tensor(v) else v) for s, v in opt.state[p].items()}
-            for k, p in (("w", model[2].weight), ("b", model[2].bias))}
+    return {
+        k: {s: (v.clone() if torch.is_tensor(v) else v) for s, v in opt.state[p].items()}
+        for k, p in (("w", model[2].weight), ("b", model[2].bias))
+    }
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

@@ -81,11 +81,21 @@ def test_half_precision_weights_stay_half(tmp_path: Path, factory: str) -> None:
 
 
 def test_weights_that_do_not_fit_the_arch(tmp_path: Path, factory: str) -> None:
-    save_file({"0.weight": torch.zeros(12, 7), "0.bias": torch.zeros(12),
-               "2.weight": torch.zeros(4, 12), "2.bias": torch.zeros(4),
-               "extra.weight": torch.zeros(1)}, tmp_path / "bad.safetensors")
-    with pytest.raises(InputError, match=r"do not fit --arch userzoo:build .*1 unexpected: "
-                                         r"extra.weight; 1 shape: 0.weight"):
+    save_file(
+        {
+            "0.weight": torch.zeros(12, 7),
+            "0.bias": torch.zeros(12),
+            "2.weight": torch.zeros(4, 12),
+            "2.bias": torch.zeros(4),
+            "extra.weight": torch.zeros(1),
+        },
+        tmp_path / "bad.safetensors",
+    )
+    with pytest.raises(
+        InputError,
+        match=r"do not fit --arch userzoo:build .*1 unexpected: "
+        r"extra.weight; 1 shape: 0.weight",
+    ):
         load_model(None, arch=factory, weights=str(tmp_path / "bad.safetensors"))
 
 

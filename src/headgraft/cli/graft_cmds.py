@@ -33,26 +33,39 @@ class Interrupted(HeadgraftError):
 # ----------------------------------------------------------------------------- shared options
 
 ModelArg = typer.Argument(
-    None, metavar="MODEL", show_default=False,
+    None,
+    metavar="MODEL",
+    show_default=False,
     help="A Hugging Face folder, or a weights file (.safetensors, "
-         "model.safetensors.index.json, .pt/.pth/.bin); with --arch, the weights file.",
+    "model.safetensors.index.json, .pt/.pth/.bin); with --arch, the weights file.",
 )
 ArchOpt = typer.Option(
-    None, "--arch", help="Build the model: timm:NAME, torchvision:NAME or "
-                         "package.module:factory (your own code; called with num_classes=).")
+    None,
+    "--arch",
+    help="Build the model: timm:NAME, torchvision:NAME or "
+    "package.module:factory (your own code; called with num_classes=).",
+)
 WeightsOpt = typer.Option(None, "--weights", help="The trained weights for --arch.")
 HeadOpt = typer.Option(
-    None, "--head", help="The head's module path (fc, classifier.6) or, in a bare checkpoint, "
-                         "its tensor prefix; comma-separated heads grow together.")
+    None,
+    "--head",
+    help="The head's module path (fc, classifier.6) or, in a bare checkpoint, "
+    "its tensor prefix; comma-separated heads grow together.",
+)
 PickleOpt = typer.Option(
-    False, "--trust-pickle", help="Load .pt files that hold pickled objects (can run code: "
-                                  "only for files you trust).")
+    False,
+    "--trust-pickle",
+    help="Load .pt files that hold pickled objects (can run code: only for files you trust).",
+)
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON.")
 ForceOpt = typer.Option(False, "--force", help="Replace an existing output (never the input).")
 BatchOpt = typer.Option(64, "--batch-size", min=1, help="Examples per batch for --data.")
 InitArgOpt = typer.Option(
-    [], "--init-arg", help="Initialiser setting KEY=VALUE (repeatable), e.g. source=cat for "
-                           "copy, distribution=xavier_uniform for random.")
+    [],
+    "--init-arg",
+    help="Initialiser setting KEY=VALUE (repeatable), e.g. source=cat for "
+    "copy, distribution=xavier_uniform for random.",
+)
 
 
 def _split_labels(text: str) -> list[str]:
@@ -86,15 +99,17 @@ def _command() -> Iterator[list[warnings.WarningMessage]]:
         try:
             yield caught
         except KeyboardInterrupt:
-            raise Interrupted("interrupted; no output was written and the input is "
-                              "unchanged") from None
+            raise Interrupted(
+                "interrupted; no output was written and the input is unchanged"
+            ) from None
     seen = set()
     for w in caught:
         text = str(w.message).strip().splitlines()[0] if str(w.message).strip() else ""
         if text and text not in seen:
             seen.add(text)
-            console_err.print(f"warning: {text}", style="dim", highlight=False, markup=False,
-                              soft_wrap=True)
+            console_err.print(
+                f"warning: {text}", style="dim", highlight=False, markup=False, soft_wrap=True
+            )
 
 
 def _norms(module: Any) -> tuple[Any, Any]:
@@ -107,8 +122,12 @@ def _norms(module: Any) -> tuple[Any, Any]:
 def _summary(t: Any) -> dict[str, float] | None:
     if t is None or t.numel() == 0:
         return None
-    return {"mean": float(t.mean()), "std": float(t.std()) if t.numel() > 1 else 0.0,
-            "min": float(t.min()), "max": float(t.max())}
+    return {
+        "mean": float(t.mean()),
+        "std": float(t.std()) if t.numel() > 1 else 0.0,
+        "min": float(t.min()),
+        "max": float(t.max()),
+    }
 
 
 def _head_report(loaded: Any, split_at: int | None = None) -> dict[str, Any]:
@@ -139,19 +158,24 @@ def _print_head(title: str, info: dict[str, Any], labels: list[str]) -> None:
         table.add_row("tensors", ", ".join(info["tensors"]))
     for part, s in info["row_norms"].items():
         if s:
-            table.add_row(f"row norms ({part})", f"mean {s['mean']:.4g}  std {s['std']:.4g}  "
-                                                 f"min {s['min']:.4g}  max {s['max']:.4g}")
+            table.add_row(
+                f"row norms ({part})",
+                f"mean {s['mean']:.4g}  std {s['std']:.4g}  min {s['min']:.4g}  max {s['max']:.4g}",
+            )
     if info["bias_values"]:
         s = info["bias_values"]
-        table.add_row("bias values", f"mean {s['mean']:.4g}  std {s['std']:.4g}  "
-                                     f"min {s['min']:.4g}  max {s['max']:.4g}")
+        table.add_row(
+            "bias values",
+            f"mean {s['mean']:.4g}  std {s['std']:.4g}  min {s['min']:.4g}  max {s['max']:.4g}",
+        )
     shown = ", ".join(labels[:30]) + (f" ... ({len(labels)} in all)" if len(labels) > 30 else "")
     table.add_row("labels", shown)
     console.print(table)
 
 
-def _load(model: str | None, arch: str | None, weights: str | None, head: str | None,
-          trust_pickle: bool) -> Any:
+def _load(
+    model: str | None, arch: str | None, weights: str | None, head: str | None, trust_pickle: bool
+) -> Any:
     from ..io.sources import load_model
 
     return load_model(model, arch=arch, weights=weights, head=head, trust_pickle=trust_pickle)
@@ -181,8 +205,12 @@ def inspect(
     """
     with _command():
         loaded = _load(model, arch, weights, head, trust_pickle)
-        info = {"source": loaded.source, "kind": loaded.kind, "head": _head_report(loaded),
-                "labels": loaded.labels.names}
+        info = {
+            "source": loaded.source,
+            "kind": loaded.kind,
+            "head": _head_report(loaded),
+            "labels": loaded.labels.names,
+        }
     if json_out:
         print_json(info)
     else:
@@ -196,33 +224,56 @@ def inspect(
 def add(
     model: str | None = ModelArg,
     labels: str = typer.Option(..., "--labels", "-l", help="New class names, comma-separated."),
-    out: str = typer.Option(..., "--out", "-o", help="Where to write the grown model (a "
-                            "folder for Hugging Face and sharded sources, else a file)."),
+    out: str = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="Where to write the grown model (a "
+        "folder for Hugging Face and sharded sources, else a file).",
+    ),
     init: str = typer.Option(
-        "auto", "--init", help="How new rows start: auto (imprint with --data, stats with "
-        f"--stats, else random) or one of: {', '.join(INITS.names())}."),
+        "auto",
+        "--init",
+        help="How new rows start: auto (imprint with --data, stats with "
+        f"--stats, else random) or one of: {', '.join(INITS.names())}.",
+    ),
     init_arg: list[str] = InitArgOpt,
     bias: str = typer.Option(
-        "auto", "--bias", help="New rows' bias: auto (the initialiser's own, else mean) or one "
-        f"of: {', '.join(BIASES.names())}."),
+        "auto",
+        "--bias",
+        help="New rows' bias: auto (the initialiser's own, else mean) or one "
+        f"of: {', '.join(BIASES.names())}.",
+    ),
     data: str | None = typer.Option(
-        None, "--data", help="Examples: an image folder (one sub-folder per class), a "
-        ".jsonl/.csv with text and label, or a .safetensors/.npz of features and labels."),
+        None,
+        "--data",
+        help="Examples: an image folder (one sub-folder per class), a "
+        ".jsonl/.csv with text and label, or a .safetensors/.npz of features and labels.",
+    ),
     stats: str | None = typer.Option(
-        None, "--stats", help="Class statistics from `headgraft stats` (for --init stats, "
-        "--bias prior/silent)."),
+        None,
+        "--stats",
+        help="Class statistics from `headgraft stats` (for --init stats, --bias prior/silent).",
+    ),
     head: str | None = HeadOpt,
     layout: str = typer.Option(
-        "fused", "--layout", help="fused or split while grafting; files always hold one "
-        "fused layer (old rows bit-identical either way)."),
+        "fused",
+        "--layout",
+        help="fused or split while grafting; files always hold one "
+        "fused layer (old rows bit-identical either way).",
+    ),
     arch: str | None = ArchOpt,
     weights: str | None = WeightsOpt,
     optimizer: str | None = typer.Option(
-        None, "--optimizer", help="A saved optimizer state (torch.save of "
+        None,
+        "--optimizer",
+        help="A saved optimizer state (torch.save of "
         "optimizer.state_dict(), or a training checkpoint holding one under 'optimizer') to "
-        "grow with the head."),
+        "grow with the head.",
+    ),
     optimizer_out: str | None = typer.Option(
-        None, "--optimizer-out", help="Where to write the grown optimizer state."),
+        None, "--optimizer-out", help="Where to write the grown optimizer state."
+    ),
     seed: int | None = typer.Option(None, "--seed", help="Seed for random initialisers."),
     batch_size: int = BatchOpt,
     trust_pickle: bool = PickleOpt,
@@ -280,8 +331,17 @@ def add(
 
             stats_obj = ClassStats.load(stats)
         opt_state = _read_optimizer(optimizer, trust_pickle) if optimizer else None
-        add_labels(loaded, new, init=init, bias=bias, examples=examples, stats=stats_obj,
-                   seed=seed, layout=layout, init_options=options)
+        add_labels(
+            loaded,
+            new,
+            init=init,
+            bias=bias,
+            examples=examples,
+            stats=stats_obj,
+            seed=seed,
+            layout=layout,
+            init_options=options,
+        )
         opt_grown = _grow_optimizer(loaded, opt_state) if opt_state is not None else None
         report = _head_report(loaded, split_at=len(old))
         save_model(loaded, out, force=force)
@@ -289,18 +349,27 @@ def add(
         if opt_grown is not None:
             _write_optimizer(opt_grown, optimizer_out, force=force)
     result = {
-        "source": loaded.source, "kind": loaded.kind, "output": out, "added": new,
-        "init": init, "bias": bias, "num_classes": {"before": len(old), "after": len(grown)},
-        "head": report, "verified": verified, "labels": loaded.labels.names,
+        "source": loaded.source,
+        "kind": loaded.kind,
+        "output": out,
+        "added": new,
+        "init": init,
+        "bias": bias,
+        "num_classes": {"before": len(old), "after": len(grown)},
+        "head": report,
+        "verified": verified,
+        "labels": loaded.labels.names,
         "optimizer_output": optimizer_out,
     }
     if json_out:
         print_json(result)
         return
     _print_head(f"grew {len(old)} -> {len(grown)} classes: {out}", report, loaded.labels.names)
-    console.print(f"[green]verified[/]: {verified['rows_verified']} old rows bit-identical in "
-                  f"{out}" + (f"; optimizer state grown into {optimizer_out}"
-                              if optimizer_out else ""), highlight=False)
+    console.print(
+        f"[green]verified[/]: {verified['rows_verified']} old rows bit-identical in "
+        f"{out}" + (f"; optimizer state grown into {optimizer_out}" if optimizer_out else ""),
+        highlight=False,
+    )
 
 
 def _read_optimizer(path: str, trust_pickle: bool) -> dict[str, Any]:
@@ -314,8 +383,10 @@ def _read_optimizer(path: str, trust_pickle: bool) -> dict[str, Any]:
     for candidate in (obj, obj.get("optimizer") if isinstance(obj, Mapping) else None):
         if isinstance(candidate, Mapping) and {"state", "param_groups"} <= set(candidate):
             return dict(candidate)
-    raise InputError(f"{path} holds no optimizer state (a dict with 'state' and "
-                     "'param_groups', or one under 'optimizer'); save optimizer.state_dict()")
+    raise InputError(
+        f"{path} holds no optimizer state (a dict with 'state' and "
+        "'param_groups', or one under 'optimizer'); save optimizer.state_dict()"
+    )
 
 
 def _grow_optimizer(loaded: Any, state: dict[str, Any]) -> dict[str, Any]:
@@ -327,8 +398,9 @@ def _grow_optimizer(loaded: Any, state: dict[str, Any]) -> dict[str, Any]:
         loaded.set_target(fuse(loaded.target, head=loaded.head))
         return grow_optimizer_state(state, loaded.model, head=loaded.head, rows=rows)
     assert loaded.checkpoint is not None
-    shapes = [loaded.checkpoint.shape(t) for h in loaded.head_tensors
-              for t in (h.weight, h.bias) if t]
+    shapes = [
+        loaded.checkpoint.shape(t) for h in loaded.head_tensors for t in (h.weight, h.bias) if t
+    ]
     ids = head_param_ids(state, shapes, what="--optimizer")
     return grow_optimizer_state(state, params=ids, rows=rows)
 
@@ -342,8 +414,9 @@ def _write_optimizer(state: dict[str, Any], out: str, *, force: bool) -> None:
         with atomic_path(out, force=force) as tmp:
             torch.save(state, tmp)
     except OSError as e:
-        raise HeadgraftError(f"writing {out} failed ({e.strerror or e}); nothing was "
-                             "written") from None
+        raise HeadgraftError(
+            f"writing {out} failed ({e.strerror or e}); nothing was written"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- remove
@@ -382,15 +455,24 @@ def remove(
         remove_labels(loaded, drop)
         save_model(loaded, out, force=force)
         verified = verify_output(loaded, out)
-    result = {"source": loaded.source, "kind": loaded.kind, "output": out, "removed": drop,
-              "num_classes": {"before": before, "after": len(loaded.labels)},
-              "verified": verified, "labels": loaded.labels.names}
+    result = {
+        "source": loaded.source,
+        "kind": loaded.kind,
+        "output": out,
+        "removed": drop,
+        "num_classes": {"before": before, "after": len(loaded.labels)},
+        "verified": verified,
+        "labels": loaded.labels.names,
+    }
     if json_out:
         print_json(result)
         return
-    console.print(f"removed {', '.join(drop)}: {before} -> {len(loaded.labels)} classes in "
-                  f"{out}; [green]verified[/]: {verified['rows_verified']} kept rows "
-                  "bit-identical", highlight=False)
+    console.print(
+        f"removed {', '.join(drop)}: {before} -> {len(loaded.labels)} classes in "
+        f"{out}; [green]verified[/]: {verified['rows_verified']} kept rows "
+        "bit-identical",
+        highlight=False,
+    )
 
 
 # ----------------------------------------------------------------------------- stats
@@ -399,8 +481,12 @@ def remove(
 @app.command(epilog=EXIT_CODES)
 def stats(
     model: str | None = ModelArg,
-    data: str = typer.Option(..., "--data", help="Examples: an image folder, a .jsonl/.csv "
-                             "with text and label, or a .safetensors/.npz of features."),
+    data: str = typer.Option(
+        ...,
+        "--data",
+        help="Examples: an image folder, a .jsonl/.csv "
+        "with text and label, or a .safetensors/.npz of features.",
+    ),
     out: str = typer.Option(..., "--out", "-o", help="The statistics file (.safetensors)."),
     head: str | None = HeadOpt,
     arch: str | None = ArchOpt,
@@ -423,8 +509,9 @@ def stats(
 
     with _command():
         if Path(out).suffix != ".safetensors":
-            raise InputError(f"statistics are saved as safetensors; name the output "
-                             f"*.safetensors, not {out}")
+            raise InputError(
+                f"statistics are saved as safetensors; name the output *.safetensors, not {out}"
+            )
         check_output(out, [model, weights, data], force=force)
         from ..data import load_data
 
@@ -433,17 +520,26 @@ def stats(
         known = loaded.labels.names
         order = [c for c in known if c in examples.classes]
         order += [c for c in examples.classes if c not in known]
-        result = ClassStats.collect(loaded.target, examples, labels=order, head=loaded.head,
-                                    batch_size=batch_size)
+        result = ClassStats.collect(
+            loaded.target, examples, labels=order, head=loaded.head, batch_size=batch_size
+        )
         try:
             result.save(out, force=force)
         except OSError as e:
-            raise HeadgraftError(f"writing {out} failed ({e.strerror or e}); nothing was "
-                                 "written") from None
-    summary = {"source": loaded.source, "output": out, "dim": result.dim,
-               "counts": dict(zip(result.labels, result.counts.tolist()))}
+            raise HeadgraftError(
+                f"writing {out} failed ({e.strerror or e}); nothing was written"
+            ) from None
+    summary = {
+        "source": loaded.source,
+        "output": out,
+        "dim": result.dim,
+        "counts": dict(zip(result.labels, result.counts.tolist())),
+    }
     if json_out:
         print_json(summary)
         return
-    console.print(f"statistics of {result.total} examples, {len(result.labels)} classes, "
-                  f"{result.dim} features -> {out}", highlight=False)
+    console.print(
+        f"statistics of {result.total} examples, {len(result.labels)} classes, "
+        f"{result.dim} features -> {out}",
+        highlight=False,
+    )

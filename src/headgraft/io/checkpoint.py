@@ -61,7 +61,7 @@ def clean_name(name: str) -> str:
     """A state-dict key without wrapper prefixes: ``module.`` (DataParallel/DDP, as timm's
     ``clean_state_dict``) and ``_orig_mod.`` (``torch.compile``)."""
     while name.startswith("module."):
-        name = name[len("module."):]
+        name = name[len("module.") :]
     return name.replace("_orig_mod.", "")
 
 
@@ -107,8 +107,10 @@ class SafetensorsHeader:
 
 
 def _corrupt(path: Path, why: str) -> InputError:
-    return InputError(f"{path} is not a valid safetensors file ({why}); it is truncated or "
-                      "corrupt: re-download or re-export it")
+    return InputError(
+        f"{path} is not a valid safetensors file ({why}); it is truncated or "
+        "corrupt: re-download or re-export it"
+    )
 
 
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
@@ -136,8 +138,10 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         except (KeyError, TypeError, ValueError):
             raise _corrupt(path, f"bad entry for tensor {name!r}") from None
         if dtype not in DTYPES:
-            raise InputError(f"{path}: tensor {name!r} has dtype {dtype}, which headgraft does "
-                             "not handle; convert the file to a standard dtype first")
+            raise InputError(
+                f"{path}: tensor {name!r} has dtype {dtype}, which headgraft does "
+                "not handle; convert the file to a standard dtype first"
+            )
         numel = 1
         for d in shape:
             numel *= int(d)
@@ -152,8 +156,9 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         pos = e.end
     if 8 + n + pos != size:
         raise _corrupt(path, f"the header describes {8 + n + pos} bytes but the file has {size}")
-    return SafetensorsHeader(path, 8 + n, {e.name: e for e in entries},
-                             {str(k): str(v) for k, v in metadata.items()})
+    return SafetensorsHeader(
+        path, 8 + n, {e.name: e for e in entries}, {str(k): str(v) for k, v in metadata.items()}
+    )
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -204,8 +209,11 @@ def rewrite_safetensors(
     for e in header.entries.values():
         if e.name in replace:
             continue
-        new_header[e.name] = {"dtype": e.dtype, "shape": list(e.shape),
-                              "data_offsets": [pos, pos + e.end - e.begin]}
+        new_header[e.name] = {
+            "dtype": e.dtype,
+            "shape": list(e.shape),
+            "data_offsets": [pos, pos + e.end - e.begin],
+        }
         if runs and runs[-1][0] + runs[-1][1] == e.begin:
             runs[-1] = (runs[-1][0], runs[-1][1] + e.end - e.begin)
         else:
@@ -216,8 +224,11 @@ def rewrite_safetensors(
         if t.dtype not in DTYPE_NAMES:
             raise InputError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot hold")
         blob = _tensor_bytes(t)
-        new_header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                            "data_offsets": [pos, pos + len(blob)]}
+        new_header[name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [pos, pos + len(blob)],
+        }
         blobs.append(blob)
         pos += len(blob)
     head = json.dumps(new_header, separators=(",", ":")).encode()
@@ -232,7 +243,7 @@ def rewrite_safetensors(
             for blob in blobs:
                 view = memoryview(blob)
                 while view:
-                    view = view[os.write(dst_fd, view):]
+                    view = view[os.write(dst_fd, view) :]
         finally:
             os.close(dst_fd)
     finally:
@@ -259,8 +270,10 @@ def load_torch_file(path: str | os.PathLike[str], *, trust_pickle: bool = False)
         magic = f.read(2)
     is_zip = zipfile.is_zipfile(path)
     if not is_zip and magic[:1] != b"\x80":
-        raise InputError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a "
-                         "pickle); pass a file written by torch.save")
+        raise InputError(
+            f"{path} is not a PyTorch checkpoint (neither a zip archive nor a "
+            "pickle); pass a file written by torch.save"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=is_zip)
     except pickle.UnpicklingError as e:
@@ -272,16 +285,22 @@ def load_torch_file(path: str | os.PathLike[str], *, trust_pickle: bool = False)
                 "run code, so headgraft does not load it: pass --trust-pickle (trust_pickle=True) "
                 "only if you trust the file's source, or re-save its state_dict as safetensors"
             ) from None
-        raise InputError(f"{path} is not a readable PyTorch checkpoint "
-                         f"({_first_line(e)}); it is corrupt or not a state_dict") from None
+        raise InputError(
+            f"{path} is not a readable PyTorch checkpoint "
+            f"({_first_line(e)}); it is corrupt or not a state_dict"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise InputError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}); "
-                         "it is truncated or corrupt: re-download or re-export it") from None
+        raise InputError(
+            f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}); "
+            "it is truncated or corrupt: re-download or re-export it"
+        ) from None
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     )
 
 
@@ -298,16 +317,21 @@ def unwrap_state_dict(obj: Any, path: str | os.PathLike[str] = "") -> tuple[tupl
         if _is_state_dict(obj):
             return keys, obj
         if isinstance(obj, Mapping):
-            key = next((k for k in STATE_DICT_KEYS
-                        if isinstance(obj.get(k), (Mapping, nn.Module))), None)
+            key = next(
+                (k for k in STATE_DICT_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))), None
+            )
             if key is not None:
                 obj, keys = obj[key], (*keys, key)
                 continue
             found = ", ".join(map(str, list(obj)[:8]))
-            raise InputError(f"{path} holds no state dict (top-level keys: {found}); save "
-                             "model.state_dict(), or a dict with it under 'state_dict' or 'model'")
-        raise InputError(f"{path} holds a {type(obj).__name__}, not a state dict; save "
-                         "model.state_dict() instead")
+            raise InputError(
+                f"{path} holds no state dict (top-level keys: {found}); save "
+                "model.state_dict(), or a dict with it under 'state_dict' or 'model'"
+            )
+        raise InputError(
+            f"{path} holds a {type(obj).__name__}, not a state dict; save "
+            "model.state_dict() instead"
+        )
 
 
 def _rebuild(obj: Any, keys: tuple[str, ...], inner: Any) -> Any:
@@ -404,8 +428,9 @@ class SafetensorsCheckpoint(Checkpoint):
         self._check_replace(replace)
         raw = {self._raw[k]: v for k, v in replace.items()}
         with atomic_path(out, force=force) as tmp:
-            rewrite_safetensors(self.header, tmp, raw,
-                                _safetensors_metadata(self.header.metadata, labels))
+            rewrite_safetensors(
+                self.header, tmp, raw, _safetensors_metadata(self.header.metadata, labels)
+            )
 
 
 class ShardedCheckpoint(Checkpoint):
@@ -426,21 +451,27 @@ class ShardedCheckpoint(Checkpoint):
             index = json.loads(path.read_text())
             weight_map = dict(index["weight_map"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError):
-            raise InputError(f"{path} is not a valid safetensors index (no weight_map); "
-                             "re-create it with save_pretrained") from None
+            raise InputError(
+                f"{path} is not a valid safetensors index (no weight_map); "
+                "re-create it with save_pretrained"
+            ) from None
         self.index = index
         self.weight_map = {str(k): str(v) for k, v in weight_map.items()}
         self.shards: dict[str, SafetensorsHeader] = {}
         for shard in dict.fromkeys(self.weight_map.values()):
             file = self.folder / shard
             if not file.is_file():
-                raise InputError(f"shard {shard} listed in {path.name} is missing; download "
-                                 "every shard into the same folder")
+                raise InputError(
+                    f"shard {shard} listed in {path.name} is missing; download "
+                    "every shard into the same folder"
+                )
             self.shards[shard] = read_header(file)
         for name, shard in self.weight_map.items():
             if name not in self.shards[shard].entries:
-                raise InputError(f"{path.name} puts {name!r} in {shard}, which lacks it; "
-                                 "re-create the index with save_pretrained")
+                raise InputError(
+                    f"{path.name} puts {name!r} in {shard}, which lacks it; "
+                    "re-create the index with save_pretrained"
+                )
         self._raw = {clean_name(n): n for n in self.weight_map}
 
     def _entry(self, name: str) -> TensorEntry:
@@ -492,15 +523,21 @@ class ShardedCheckpoint(Checkpoint):
             by_shard.setdefault(self.weight_map[raw], {})[raw] = t
         with atomic_dir(out, force=force) as tmp:
             for item in sorted(self.folder.iterdir()):
-                if (not item.is_file() or item.name.startswith(".") or item == self.path
-                        or item.name == "config.json" or item.name in by_shard
-                        or (item.name.endswith(WEIGHT_SUFFIXES) and item.name not in self.shards)):
+                if (
+                    not item.is_file()
+                    or item.name.startswith(".")
+                    or item == self.path
+                    or item.name == "config.json"
+                    or item.name in by_shard
+                    or (item.name.endswith(WEIGHT_SUFFIXES) and item.name not in self.shards)
+                ):
                     continue  # rewritten below, hidden temp files, or stray weight files
                 shutil.copyfile(item, tmp / item.name)
             for shard, tensors in by_shard.items():
                 header = self.shards[shard]
-                rewrite_safetensors(header, tmp / shard, tensors,
-                                    _safetensors_metadata(header.metadata, labels))
+                rewrite_safetensors(
+                    header, tmp / shard, tensors, _safetensors_metadata(header.metadata, labels)
+                )
             index = json.loads(json.dumps(self.index))
             meta = index.setdefault("metadata", {})
             for name, t in replace.items():
@@ -561,9 +598,7 @@ class TorchCheckpoint(Checkpoint):
 
         self._check_replace(replace)
         by_raw = {self._raw[k]: v for k, v in replace.items()}
-        sd: OrderedDict[str, Any] = OrderedDict(
-            (k, by_raw.get(k, v)) for k, v in self.sd.items()
-        )
+        sd: OrderedDict[str, Any] = OrderedDict((k, by_raw.get(k, v)) for k, v in self.sd.items())
         meta = {k: dict(v) for k, v in (getattr(self.sd, "_metadata", None) or {}).items()}
         meta.setdefault("", {})[TORCH_LABELS_KEY] = list(labels)
         sd._metadata = meta  # type: ignore[attr-defined]
@@ -598,18 +633,25 @@ def _register(fmt: CheckpointFormat, description: str) -> None:
 
 
 _register(
-    CheckpointFormat("safetensors-index", lambda p: p.name.endswith(INDEX_SUFFIX),
-                     lambda p, _t: ShardedCheckpoint(p)),
+    CheckpointFormat(
+        "safetensors-index",
+        lambda p: p.name.endswith(INDEX_SUFFIX),
+        lambda p, _t: ShardedCheckpoint(p),
+    ),
     "a sharded Hugging Face checkpoint: model.safetensors.index.json and its shards",
 )
 _register(
-    CheckpointFormat("safetensors", lambda p: p.suffix == ".safetensors",
-                     lambda p, _t: SafetensorsCheckpoint(p)),
+    CheckpointFormat(
+        "safetensors", lambda p: p.suffix == ".safetensors", lambda p, _t: SafetensorsCheckpoint(p)
+    ),
     "one .safetensors file (streamed: the model is never loaded)",
 )
 _register(
-    CheckpointFormat("torch", lambda p: p.suffix in TORCH_SUFFIXES,
-                     lambda p, t: TorchCheckpoint(p, trust_pickle=t)),
+    CheckpointFormat(
+        "torch",
+        lambda p: p.suffix in TORCH_SUFFIXES,
+        lambda p, t: TorchCheckpoint(p, trust_pickle=t),
+    ),
     ".pt/.pth/.bin/.ckpt written by torch.save (weights_only unless --trust-pickle)",
 )
 
@@ -630,8 +672,10 @@ def open_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
     if p.is_dir():
         inner = next((p / f for f in _DIR_FILES if (p / f).is_file()), None)
         if inner is None:
-            raise InputError(f"{p} is a folder without model.safetensors(.index.json) or "
-                             "pytorch_model.bin; pass the weights file itself")
+            raise InputError(
+                f"{p} is a folder without model.safetensors(.index.json) or "
+                "pytorch_model.bin; pass the weights file itself"
+            )
         p = inner
     fmt = checkpoint_format(p)
     if fmt is None:
@@ -667,8 +711,9 @@ def _as_head(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> HeadTensors 
     b = shapes.get(b_name)
     if b is not None and b != (w[0],):
         return None
-    return HeadTensors(prefix, _join(prefix, "weight"), b_name if b is not None else None,
-                       w[0], w[1], len(w) == 4)
+    return HeadTensors(
+        prefix, _join(prefix, "weight"), b_name if b is not None else None, w[0], w[1], len(w) == 4
+    )
 
 
 def find_head_tensors(
@@ -690,10 +735,12 @@ def find_head_tensors(
             h = _as_head(shapes, p)
             if h is None:
                 near = [c.prefix for c in _candidates(shapes)][:6]
-                what = ("has no tensor " + repr(_join(p, "weight"))
-                        if _join(p, "weight") not in shapes else
-                        f"has {_join(p, 'weight')!r} of shape {shapes[_join(p, 'weight')]}, "
-                        "not a classifier weight")
+                what = (
+                    "has no tensor " + repr(_join(p, "weight"))
+                    if _join(p, "weight") not in shapes
+                    else f"has {_join(p, 'weight')!r} of shape {shapes[_join(p, 'weight')]}, "
+                    "not a classifier weight"
+                )
                 raise HeadNotFoundError(
                     f"--head {p!r}: the checkpoint {what}; heads it could mean: "
                     f"{', '.join(near) or 'none'}"
@@ -709,8 +756,11 @@ def find_head_tensors(
         read = {s[1] for s in shapes.values() if len(s) in (2, 4)}
         cands = [c for c in cands if c.num_classes not in read]
     if not cands:
-        rule = (f"with {num_classes} rows (the label count)" if num_classes is not None
-                else "whose output feeds no other layer")
+        rule = (
+            f"with {num_classes} rows (the label count)"
+            if num_classes is not None
+            else "whose output feeds no other layer"
+        )
         raise HeadNotFoundError(
             f"no weight/bias pair {rule} looks like a classifier; pass --head with the "
             "head's name (e.g. fc, classifier)"
@@ -794,6 +844,7 @@ def head_model(
     else:
         model, path = HeadStack(layers), ",".join(h.prefix for h in heads)
     n = heads[0].num_classes
-    set_model_labels(model, LabelMap(labels) if labels and len(labels) == n
-                     else LabelMap.default(n))
+    set_model_labels(
+        model, LabelMap(labels) if labels and len(labels) == n else LabelMap.default(n)
+    )
     return model, path

@@ -46,8 +46,10 @@ def _resize(v: torch.Tensor, rows: Sequence[int | None]) -> torch.Tensor:
 
 
 def _move_state(state: Mapping[str, Any], rows: Sequence[int | None]) -> dict[str, Any]:
-    return {k: _resize(v, rows) if isinstance(v, torch.Tensor) and v.dim() >= 1 else v
-            for k, v in state.items()}
+    return {
+        k: _resize(v, rows) if isinstance(v, torch.Tensor) and v.dim() >= 1 else v
+        for k, v in state.items()
+    }
 
 
 def grow_optimizer_state(
@@ -87,13 +89,17 @@ def grow_optimizer_state(
     """
     if isinstance(optimizer_or_state_dict, torch.optim.Optimizer):
         if model is None:
-            raise InputError("a live optimizer needs the grafted model: "
-                             "grow_optimizer_state(optimizer, model)")
+            raise InputError(
+                "a live optimizer needs the grafted model: grow_optimizer_state(optimizer, model)"
+            )
         return _grow_live(optimizer_or_state_dict, model, head, rows)
-    if not (isinstance(optimizer_or_state_dict, Mapping)
-            and {"state", "param_groups"} <= set(optimizer_or_state_dict)):
-        raise InputError("expected an optimizer or its state_dict() (a dict with 'state' and "
-                         "'param_groups')")
+    if not (
+        isinstance(optimizer_or_state_dict, Mapping)
+        and {"state", "param_groups"} <= set(optimizer_or_state_dict)
+    ):
+        raise InputError(
+            "expected an optimizer or its state_dict() (a dict with 'state' and 'param_groups')"
+        )
     return _grow_state_dict(optimizer_or_state_dict, model, head, params, rows, num_rows)
 
 
@@ -111,18 +117,25 @@ def _head_parameters(model: nn.Module, head: str | None) -> tuple[list[nn.Parame
 
 
 def _grow_live(
-    opt: torch.optim.Optimizer, model: nn.Module, head: str | None,
+    opt: torch.optim.Optimizer,
+    model: nn.Module,
+    head: str | None,
     rows: Sequence[int | None] | None,
 ) -> torch.optim.Optimizer:
     head_params, leaves = _head_parameters(model, head)
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     in_model = {id(p) for p in model.parameters()}
-    stale = [(g, i, p) for g in opt.param_groups for i, p in enumerate(g["params"])
-             if id(p) not in in_model]
+    stale = [
+        (g, i, p)
+        for g in opt.param_groups
+        for i, p in enumerate(g["params"])
+        if id(p) not in in_model
+    ]
     added = []
     for new in (p for p in head_params if id(p) not in in_opt):
-        match = next((s for s in stale
-                      if s[2].dim() == new.dim() and s[2].shape[1:] == new.shape[1:]), None)
+        match = next(
+            (s for s in stale if s[2].dim() == new.dim() and s[2].shape[1:] == new.shape[1:]), None
+        )
         if match is None:  # a split head's new block: it joins its old block's group
             added.append(new)
             continue
@@ -135,25 +148,34 @@ def _grow_live(
             opt.state[new] = _move_state(state, r)
     if added:
         anchors = {id(m.weight) for m in leaves}
-        group = next((g for g in opt.param_groups
-                      if any(id(p) in anchors for p in g["params"])), opt.param_groups[0])
+        group = next(
+            (g for g in opt.param_groups if any(id(p) in anchors for p in g["params"])),
+            opt.param_groups[0],
+        )
         group["params"].extend(added)
     return opt
 
 
 def _grow_state_dict(
-    sd: Mapping[str, Any], model: nn.Module | None, head: str | None,
-    params: Sequence[int] | None, rows: Sequence[int | None] | None, num_rows: int | None,
+    sd: Mapping[str, Any],
+    model: nn.Module | None,
+    head: str | None,
+    params: Sequence[int] | None,
+    rows: Sequence[int | None] | None,
+    num_rows: int | None,
 ) -> dict[str, Any]:
     flat = [pid for g in sd["param_groups"] for pid in g["params"]]
     if params is None:
         if model is None:
-            raise InputError("say which parameters are the head's: pass the grafted model "
-                             "(built like the one the optimizer trained) or params=[ids]")
+            raise InputError(
+                "say which parameters are the head's: pass the grafted model "
+                "(built like the one the optimizer trained) or params=[ids]"
+            )
         head_params, _ = _head_parameters(model, head)
         if any(isinstance(get_module(model, p), SplitHead) for p in find_head(model, head).paths):
-            raise InputError("a saved optimizer state matches a fused head; call "
-                             "headgraft.fuse(model) first")
+            raise InputError(
+                "a saved optimizer state matches a fused head; call headgraft.fuse(model) first"
+            )
         mparams = list(model.parameters())
         if len(mparams) != len(flat):
             raise InputError(
@@ -167,15 +189,16 @@ def _grow_state_dict(
             num_rows = find_head(model, head).num_classes
     unknown = [p for p in params if p not in flat]
     if unknown:
-        raise InputError(f"params= {unknown} are not in the optimizer state; its ids are "
-                         f"{flat[:10]}{' ...' if len(flat) > 10 else ''}")
+        raise InputError(
+            f"params= {unknown} are not in the optimizer state; its ids are "
+            f"{flat[:10]}{' ...' if len(flat) > 10 else ''}"
+        )
     state = dict(sd["state"])
     for pid in params:
         st = state.get(pid)
         if not st:
             continue  # no step taken yet: nothing to move
-        first = next((v for v in st.values() if isinstance(v, torch.Tensor) and v.dim() >= 1),
-                     None)
+        first = next((v for v in st.values() if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
         if first is None:
             continue
         r = rows if rows is not None else _default_rows(first.shape[0], num_rows)
@@ -198,8 +221,14 @@ def head_param_ids(
     state = sd["state"]
 
     def shape_of(pid: int) -> tuple[int, ...] | None:
-        v = next((v for v in (state.get(pid) or {}).values()
-                  if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
+        v = next(
+            (
+                v
+                for v in (state.get(pid) or {}).values()
+                if isinstance(v, torch.Tensor) and v.dim() >= 1
+            ),
+            None,
+        )
         return None if v is None else tuple(v.shape)
 
     ids: list[int] = []

@@ -106,9 +106,11 @@ class Loaded:
     def require_model(self, what: str) -> nn.Module:
         """The full model; a bare checkpoint gets an error saying how to provide one."""
         if self.model is None:
-            raise InputError(f"{what} needs the whole model, but {self.source} is a bare "
-                             "checkpoint; pass --arch (timm:NAME, torchvision:NAME or "
-                             "package.module:factory) with --weights, or a Hugging Face folder")
+            raise InputError(
+                f"{what} needs the whole model, but {self.source} is a bare "
+                "checkpoint; pass --arch (timm:NAME, torchvision:NAME or "
+                "package.module:factory) with --weights, or a Hugging Face folder"
+            )
         return self.model
 
     def _snapshot(self) -> None:
@@ -130,11 +132,13 @@ def _build_timm(name: str, num_classes: int | None) -> nn.Module:
     try:
         import timm
     except ModuleNotFoundError:
-        raise HeadgraftError("--arch timm:... needs timm; pip install "
-                             "'headgraft[vision]'") from None
+        raise HeadgraftError(
+            "--arch timm:... needs timm; pip install 'headgraft[vision]'"
+        ) from None
     if not timm.is_model(name):
-        raise InputError(f"unknown timm model {name!r}; list them with "
-                         f"timm.list_models('*{name[:6]}*')")
+        raise InputError(
+            f"unknown timm model {name!r}; list them with timm.list_models('*{name[:6]}*')"
+        )
     kw = {} if num_classes is None else {"num_classes": num_classes}
     return timm.create_model(name, pretrained=False, **kw)
 
@@ -144,13 +148,15 @@ def _build_torchvision(name: str, num_classes: int | None) -> nn.Module:
     try:
         from torchvision import models
     except ModuleNotFoundError:
-        raise HeadgraftError("--arch torchvision:... needs torchvision; pip install "
-                             "'headgraft[vision]'") from None
+        raise HeadgraftError(
+            "--arch torchvision:... needs torchvision; pip install 'headgraft[vision]'"
+        ) from None
     try:
         builder = models.get_model_builder(name)
     except ValueError:
-        raise InputError(f"unknown torchvision model {name!r}; see "
-                         "torchvision.models.list_models()") from None
+        raise InputError(
+            f"unknown torchvision model {name!r}; see torchvision.models.list_models()"
+        ) from None
     kw: dict[str, Any] = {"weights": None}
     if num_classes is not None:
         kw["num_classes"] = num_classes
@@ -165,17 +171,23 @@ def _build_factory(spec: str, num_classes: int | None) -> nn.Module:
         module = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
         if e.name != mod_name.split(".")[0] or os.getcwd() in sys.path:
-            raise InputError(f"cannot import {mod_name!r} for --arch ({e}); install it or add "
-                             "its folder to PYTHONPATH") from None
+            raise InputError(
+                f"cannot import {mod_name!r} for --arch ({e}); install it or add "
+                "its folder to PYTHONPATH"
+            ) from None
         sys.path.insert(0, os.getcwd())
         return _build_factory(spec, num_classes)
     factory = getattr(module, fn_name, None)
     if not callable(factory):
-        raise InputError(f"{mod_name} has no callable {fn_name!r}; --arch takes "
-                         "package.module:factory")
+        raise InputError(
+            f"{mod_name} has no callable {fn_name!r}; --arch takes package.module:factory"
+        )
     params = inspect.signature(factory).parameters
-    model = (factory(num_classes=num_classes)
-             if num_classes is not None and "num_classes" in params else factory())
+    model = (
+        factory(num_classes=num_classes)
+        if num_classes is not None and "num_classes" in params
+        else factory()
+    )
     if not isinstance(model, nn.Module):
         raise InputError(f"--arch {spec} returned a {type(model).__name__}, not an nn.Module")
     return model
@@ -188,8 +200,11 @@ def build_arch(arch: str, num_classes: int | None = None) -> nn.Module:
         return ARCHES.get(family)(name, num_classes)
     if sep and name.isidentifier() and all(p.isidentifier() for p in family.split(".")):
         return _build_factory(arch, num_classes)
-    raise InputError(f"cannot read --arch {arch!r}; use one of: "
-                     + ", ".join(f"{f}:NAME" for f in ARCHES) + ", package.module:factory")
+    raise InputError(
+        f"cannot read --arch {arch!r}; use one of: "
+        + ", ".join(f"{f}:NAME" for f in ARCHES)
+        + ", package.module:factory"
+    )
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -233,8 +248,10 @@ def _load_hf(folder: Path, head: str | None) -> Loaded:
     try:
         model = getattr(transformers, auto).from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise InputError(f"cannot load {folder} with {auto} ({str(e).strip().splitlines()[0]}); "
-                         "check that the folder holds a complete model") from None
+        raise InputError(
+            f"cannot load {folder} with {auto} ({str(e).strip().splitlines()[0]}); "
+            "check that the folder holds a complete model"
+        ) from None
     model.eval()
     tokenizer = processor = None
     if any((folder / f).is_file() for f in _TOKENIZER_FILES):
@@ -247,10 +264,18 @@ def _load_hf(folder: Path, head: str | None) -> Loaded:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = set(_read_json(index).get("weight_map", {}).values())
-        shard = max(((folder / s).stat().st_size for s in shards if (folder / s).is_file()),
-                    default=None)
-    return Loaded(model=model, kind="hf", source=str(folder), tokenizer=tokenizer,
-                  processor=processor, head=head, max_shard_size=shard)
+        shard = max(
+            ((folder / s).stat().st_size for s in shards if (folder / s).is_file()), default=None
+        )
+    return Loaded(
+        model=model,
+        kind="hf",
+        source=str(folder),
+        tokenizer=tokenizer,
+        processor=processor,
+        head=head,
+        max_shard_size=shard,
+    )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -265,8 +290,11 @@ def _mismatch(model: nn.Module, sd: dict[str, torch.Tensor]) -> str | None:
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and sd[k].shape != own[k].shape
+    ]
     parts = []
     for what, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
         if items:
@@ -293,19 +321,29 @@ def _load_arch(arch: str, weights: str, head: str | None, trust_pickle: bool) ->
     for path in h.paths:  # a head of another size than the default: resize it to the file
         module = get_module(model, path)
         w, b = sd.get(f"{path}.weight"), sd.get(f"{path}.bias")
-        if w is not None and w.shape != module.weight.shape and w.shape[1:] == \
-                module.weight.shape[1:] and (b is None) == (getattr(module, "bias", None) is None):
-            set_module(model, path, with_rows(module, w.detach().clone(),
-                                              None if b is None else b.detach().clone()))
+        if (
+            w is not None
+            and w.shape != module.weight.shape
+            and w.shape[1:] == module.weight.shape[1:]
+            and (b is None) == (getattr(module, "bias", None) is None)
+        ):
+            set_module(
+                model,
+                path,
+                with_rows(module, w.detach().clone(), None if b is None else b.detach().clone()),
+            )
     problem = _mismatch(model, sd)
     if problem:
-        raise InputError(f"the weights {weights} do not fit --arch {arch} ({problem}); check "
-                         "that --arch names the architecture the weights were trained with")
+        raise InputError(
+            f"the weights {weights} do not fit --arch {arch} ({problem}); check "
+            "that --arch names the architecture the weights were trained with"
+        )
     model.load_state_dict(sd, strict=True)
     model.eval()
     n = find_head(model, head).num_classes
-    set_model_labels(model, LabelMap(labels) if labels and len(labels) == n
-                     else model_labels(model, head))
+    set_model_labels(
+        model, LabelMap(labels) if labels and len(labels) == n else model_labels(model, head)
+    )
     return Loaded(model=model, kind="arch", source=str(weights), head=head, arch=arch)
 
 
@@ -315,8 +353,15 @@ def _load_checkpoint(path: str, head: str | None, trust_pickle: bool) -> Loaded:
     shapes = {n: ckpt.shape(n) for n in ckpt.names()}
     heads = find_head_tensors(shapes, head, len(labels) if labels and head is None else None)
     module, head_path = head_model(ckpt, heads, labels)
-    return Loaded(model=None, kind="checkpoint", source=str(path), head=head_path,
-                  checkpoint=ckpt, head_tensors=heads, head_model=module)
+    return Loaded(
+        model=None,
+        kind="checkpoint",
+        source=str(path),
+        head=head_path,
+        checkpoint=ckpt,
+        head_tensors=heads,
+        head_model=module,
+    )
 
 
 def load_model(
@@ -354,16 +399,22 @@ def load_model(
         loaded = _load_arch(arch, weights, head, trust_pickle)
     else:
         if weights is not None:
-            raise InputError("--weights needs --arch (timm:NAME, torchvision:NAME or "
-                             "package.module:factory) to build the model")
+            raise InputError(
+                "--weights needs --arch (timm:NAME, torchvision:NAME or "
+                "package.module:factory) to build the model"
+            )
         if source is None:
-            raise InputError("no model given; pass a Hugging Face folder, a weights file, or "
-                             "--arch with --weights")
+            raise InputError(
+                "no model given; pass a Hugging Face folder, a weights file, or "
+                "--arch with --weights"
+            )
         p = _exists(source)
         if p.is_dir():
             if not (p / "config.json").is_file():
-                raise InputError(f"{p} is a folder without config.json, so not a Hugging Face "
-                                 "model; pass a weights file, or --arch with --weights")
+                raise InputError(
+                    f"{p} is a folder without config.json, so not a Hugging Face "
+                    "model; pass a weights file, or --arch with --weights"
+                )
             loaded = _load_hf(p, head)
         else:
             loaded = _load_checkpoint(source, head, trust_pickle)
@@ -417,8 +468,11 @@ def _dedupe_shared(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def write_state_dict(
-    sd: dict[str, torch.Tensor], out: str | os.PathLike[str], labels: Sequence[str],
-    *, force: bool = False,
+    sd: dict[str, torch.Tensor],
+    out: str | os.PathLike[str],
+    labels: Sequence[str],
+    *,
+    force: bool = False,
 ) -> None:
     """Write a state dict with its label names, atomically: safetensors (labels in the
     metadata) or, for ``.pt/.pth/.bin``, ``torch.save`` (labels in ``_metadata``)."""
@@ -437,8 +491,9 @@ def write_state_dict(
         with atomic_path(out, force=force) as tmp:
             torch.save(od, tmp)
     else:
-        raise InputError(f"cannot tell the output format from {out}; name it *.safetensors "
-                         "(or .pt/.pth)")
+        raise InputError(
+            f"cannot tell the output format from {out}; name it *.safetensors (or .pt/.pth)"
+        )
 
 
 def _save_hf(loaded: Loaded, out: str, force: bool) -> None:
@@ -481,15 +536,18 @@ def check_output_name(loaded: Loaded, out: str) -> None:
     suffix = Path(out).suffix
     if loaded.kind == "hf" or (loaded.checkpoint is not None and loaded.checkpoint.output_is_dir):
         if suffix in (".safetensors", *TORCH_SUFFIXES, ".json"):
-            raise InputError(f"{loaded.source} is written as a folder; give -o a folder name, "
-                             f"not {out}")
+            raise InputError(
+                f"{loaded.source} is written as a folder; give -o a folder name, not {out}"
+            )
     elif loaded.kind == "checkpoint":
         fmt = loaded.checkpoint.format if loaded.checkpoint else ""
         ok = (suffix == ".safetensors") if fmt == "safetensors" else suffix in TORCH_SUFFIXES
         if not ok:
             want = ".safetensors" if fmt == "safetensors" else "/".join(TORCH_SUFFIXES)
-            raise InputError(f"{loaded.source} is a {fmt} file and is written in its own format; "
-                             f"name the output *{want}")
+            raise InputError(
+                f"{loaded.source} is a {fmt} file and is written in its own format; "
+                f"name the output *{want}"
+            )
     elif suffix not in (".safetensors", *TORCH_SUFFIXES):
         raise InputError(f"name the output *.safetensors (or .pt/.pth), not {out}")
 
@@ -506,8 +564,10 @@ def save_model(loaded: Loaded, out: str, *, force: bool = False) -> None:
     try:
         SAVERS[loaded.kind](loaded, out, force)
     except OSError as e:
-        raise HeadgraftError(f"writing {out} failed ({e.strerror or e}); nothing was written "
-                             "and the input is unchanged") from None
+        raise HeadgraftError(
+            f"writing {out} failed ({e.strerror or e}); nothing was written "
+            "and the input is unchanged"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- verifying
@@ -556,8 +616,9 @@ def verify_output(loaded: Loaded, out: str) -> dict[str, Any]:
             continue
         if not _same_rows(written.tensor(wn), w0, row_map):
             problems.append(f"{wn} old rows differ")
-        if b0 is not None and (bn not in written.names()
-                               or not _same_rows(written.tensor(bn), b0, row_map)):
+        if b0 is not None and (
+            bn not in written.names() or not _same_rows(written.tensor(bn), b0, row_map)
+        ):
             problems.append(f"{bn} old rows differ")
     labels = read_labels(out)
     if labels != loaded.labels.names:
@@ -569,6 +630,8 @@ def verify_output(loaded: Loaded, out: str) -> dict[str, Any]:
             shutil.rmtree(out, ignore_errors=True)
         else:
             Path(out).unlink(missing_ok=True)
-        raise HeadgraftError(f"verification of {out} failed ({'; '.join(problems)}); the "
-                             "output was removed, please report this as a bug")
+        raise HeadgraftError(
+            f"verification of {out} failed ({'; '.join(problems)}); the "
+            "output was removed, please report this as a bug"
+        )
     return {"rows_verified": kept, "heads": list(loaded.original), "labels": labels}
