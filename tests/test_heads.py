@@ -9,6 +9,7 @@ test grafts a ``copy.deepcopy`` of the built model.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,6 +160,15 @@ FAMILIES = [
         bias=False,
         not_heads=("classifier.3",),
     ),
+    # auxiliary heads exist with aux_logits=True and grow with the main one (they do not run
+    # in eval mode, so imprinting starts them from the mean of their old rows)
+    Family(
+        "tv-googlenet_aux",
+        lambda: tvm.googlenet(num_classes=7, aux_logits=True, init_weights=True),
+        _images(64),
+        "fc",
+        paths=("fc", "aux1.fc2", "aux2.fc2"),
+    ),
     Family("timm-resnet18", _timm("resnet18"), _images(32), "fc", framework="timm"),
     Family(
         "timm-deit_tiny_distilled",
@@ -204,7 +214,20 @@ class Built:
     rows: dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # path -> (weight, bias) clones
 
     def fresh(self) -> nn.Module:
-        return copy.deepcopy(self.model)
+        """A deep copy whose body shares the built model's tensors (grafting replaces only
+        head modules, so only those need their own copies; vgg11's body alone is 500 MB)."""
+        heads = self.family.all_paths
+        memo = {
+            id(t): t
+            for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]
+            if not any(name.startswith(f"{p}.") for p in heads)
+        }
+        return copy.deepcopy(self.model, memo)
+
+    @functools.cached_property
+    def stats(self) -> hg.ClassStats:
+        """Statistics of the head's inputs over the examples (the new classes)."""
+        return hg.ClassStats.collect(self.model, self.examples)
 
     def out(self, model: nn.Module) -> torch.Tensor:
         with torch.no_grad():
@@ -246,15 +269,11 @@ def build() -> Callable[[str], Built]:
     _CACHE.clear()
 
 
-def _stats_for(b: Built) -> hg.ClassStats:
-    return hg.ClassStats.collect(b.model, b.examples)
-
-
 def _init_kwargs(init: str, b: Built, old_names: list[str]) -> dict[str, Any]:
     if init == "imprint":
         return {"examples": b.examples}
     if init == "stats":
-        return {"stats": _stats_for(b)}
+        return {"stats": b.stats}
     if init == "copy":
         return {"init_options": {"source": old_names[2]}}
     return {}
@@ -415,7 +434,7 @@ BIAS_FAMILIES = ["tv-resnet18", "tv-squeezenet1_0", "timm-deit_tiny_distilled", 
 def test_bias_policies(build: Callable[[str], Built], fid: str, bias: str) -> None:
     b = build(fid)
     model = b.fresh()
-    stats = _stats_for(b)
+    stats = b.stats
     hg.add_classes(model, NEW, init="imprint", bias=bias, examples=b.examples, stats=stats)
     _assert_old_rows_kept(b, model, NUM_CLASSES + len(NEW))
     _, new_bias = full_rows(get_module(model, b.family.path))
