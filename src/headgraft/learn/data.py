@@ -218,7 +218,7 @@ class Concat(Examples):
 
     def inputs(self, idx: torch.Tensor) -> Any:
         idx = torch.as_tensor(idx, dtype=torch.int64)
-        which = torch.bucketize(idx, self.offsets[1:], right=True)
+        which = torch.bucketize(idx, self.offsets[1:].contiguous(), right=True)
         pieces = []
         order = []
         for k in torch.unique(which).tolist():

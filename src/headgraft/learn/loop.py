@@ -146,12 +146,7 @@ class LearnConfig:
     @classmethod
     def from_recipe(cls, recipe: str = "auto", **overrides: Any) -> LearnConfig:
         """The settings of a registered recipe (``RECIPES``) with ``overrides`` on top."""
-        unknown = [k for k in overrides if k not in {f.name for f in fields(cls)}]
-        if unknown:
-            raise InputError(
-                f"unknown learn setting(s) {', '.join(unknown)}; choose from: "
-                f"{', '.join(f.name for f in fields(cls))}"
-            )
+        _check_names(overrides)
         return cls(**{**RECIPES.get(recipe), **overrides}).validate()
 
     def validate(self) -> LearnConfig:
@@ -191,6 +186,15 @@ class LearnConfig:
     @property
     def freezes(self) -> list[str]:
         return [f.strip() for f in str(self.freeze).split(",") if f.strip()] or ["auto"]
+
+
+def _check_names(settings: dict[str, Any]) -> None:
+    known = [f.name for f in fields(LearnConfig)]
+    unknown = [k for k in settings if k not in known]
+    if unknown:
+        raise InputError(
+            f"unknown learn setting(s) {', '.join(unknown)}; choose from: {', '.join(known)}"
+        )
 
 
 @dataclass
@@ -272,6 +276,7 @@ class Learner:
 
     def __init__(self, config: LearnConfig | None = None, **overrides: Any) -> None:
         base = config.to_dict() if config is not None else {}
+        _check_names(overrides)
         self.config = LearnConfig(**{**base, **overrides}).validate()
 
     def fit(
@@ -997,7 +1002,11 @@ class _Run:
                             )
                         for k, v in parts.items():
                             sums[k] += float(v.detach())
-                        bar.advance(float(loss))
+                        bar.advance(float(loss.detach()))
+                    if D.is_distributed():  # the epoch's mean losses over every rank
+                        keys = sorted(sums)
+                        tot = D.all_reduce_sum(torch.tensor([sums[k] for k in keys]))
+                        sums = {k: float(v) / D.world_size() for k, v in zip(keys, tot)}
                     record = {
                         "epoch": epoch + 1,
                         "steps": steps,
@@ -1321,7 +1330,7 @@ def _ddp(module: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(module, device_ids=ids)
 
 
 class _Progress:
