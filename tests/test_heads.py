@@ -60,24 +60,24 @@ _TINY_TEXT = {
 }
 
 
-def _bert() -> nn.Module:
-    cfg = transformers.BertConfig(**_TINY_TEXT, num_labels=NUM_CLASSES)
+def _bert(n: int) -> nn.Module:
+    cfg = transformers.BertConfig(**_TINY_TEXT, num_labels=n)
     return transformers.BertForSequenceClassification(cfg)
 
 
-def _roberta() -> nn.Module:
-    cfg = transformers.RobertaConfig(**_TINY_TEXT, pad_token_id=0, num_labels=NUM_CLASSES)
+def _roberta(n: int) -> nn.Module:
+    cfg = transformers.RobertaConfig(**_TINY_TEXT, pad_token_id=0, num_labels=n)
     return transformers.RobertaForSequenceClassification(cfg)
 
 
-def _llama() -> nn.Module:
+def _llama(n: int) -> nn.Module:
     cfg = transformers.LlamaConfig(
-        **_TINY_TEXT, num_key_value_heads=2, pad_token_id=0, num_labels=NUM_CLASSES
+        **_TINY_TEXT, num_key_value_heads=2, pad_token_id=0, num_labels=n
     )
     return transformers.LlamaForSequenceClassification(cfg)
 
 
-def _distilbert() -> nn.Module:
+def _distilbert(n: int) -> nn.Module:
     cfg = transformers.DistilBertConfig(
         vocab_size=99,
         dim=32,
@@ -85,13 +85,13 @@ def _distilbert() -> nn.Module:
         n_heads=2,
         hidden_dim=37,
         max_position_embeddings=40,
-        num_labels=NUM_CLASSES,
+        num_labels=n,
     )
     return transformers.DistilBertForSequenceClassification(cfg)
 
 
-def _timm(name: str, **kw: Any) -> Callable[[], nn.Module]:
-    return lambda: timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **kw)
+def _timm(name: str, **kw: Any) -> Callable[[int], nn.Module]:
+    return lambda n: timm.create_model(name, pretrained=False, num_classes=n, **kw)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class Family:
     """One model family: how to build it, what it eats, where its head must be found."""
 
     id: str
-    build: Callable[[], nn.Module]
+    build: Callable[[int], nn.Module]  # num_classes -> a model with random weights
     inputs: Callable[[int, torch.Generator], Any]
     path: str
     kind: str = "linear"
@@ -114,47 +114,50 @@ class Family:
 
 
 FAMILIES = [
-    Family("tv-resnet18", lambda: tvm.resnet18(num_classes=7), _images(32), "fc"),
+    Family("tv-resnet18", lambda n: tvm.resnet18(num_classes=n), _images(32), "fc"),
     Family(
         "tv-vgg11",
-        lambda: tvm.vgg11(num_classes=7),
+        lambda n: tvm.vgg11(num_classes=n),
         _images(32),
         "classifier.6",
         not_heads=("classifier.3",),
     ),
     Family(
         "tv-mobilenet_v3_small",
-        lambda: tvm.mobilenet_v3_small(num_classes=7),
+        lambda n: tvm.mobilenet_v3_small(num_classes=n),
         _images(32),
         "classifier.3",
         not_heads=("classifier.0",),
     ),
     Family(
         "tv-efficientnet_b0",
-        lambda: tvm.efficientnet_b0(num_classes=7),
+        lambda n: tvm.efficientnet_b0(num_classes=n),
         _images(32),
         "classifier.1",
     ),
     Family(
-        "tv-convnext_tiny", lambda: tvm.convnext_tiny(num_classes=7), _images(32), "classifier.2"
+        "tv-convnext_tiny", lambda n: tvm.convnext_tiny(num_classes=n), _images(32), "classifier.2"
     ),
-    Family("tv-densenet121", lambda: tvm.densenet121(num_classes=7), _images(32), "classifier"),
+    Family("tv-densenet121", lambda n: tvm.densenet121(num_classes=n), _images(32), "classifier"),
     # the 1x1 conv head sits before a ReLU and a global pool; 32x32 is too small for its stem
     Family(
         "tv-squeezenet1_0",
-        lambda: tvm.squeezenet1_0(num_classes=7),
+        lambda n: tvm.squeezenet1_0(num_classes=n),
         _images(64),
         "classifier.1",
         kind="conv1x1",
     ),
     Family(
-        "tv-vit_b_16", lambda: tvm.vit_b_16(num_classes=7, image_size=32), _images(32), "heads.head"
+        "tv-vit_b_16",
+        lambda n: tvm.vit_b_16(num_classes=n, image_size=32),
+        _images(32),
+        "heads.head",
     ),
-    Family("tv-swin_t", lambda: tvm.swin_t(num_classes=7), _images(32), "head"),
+    Family("tv-swin_t", lambda n: tvm.swin_t(num_classes=n), _images(32), "head"),
     # maxvit_t's partition size 7 needs every stage's map divisible by 7: 224 is the smallest
     Family(
         "tv-maxvit_t",
-        lambda: tvm.maxvit_t(num_classes=7),
+        lambda n: tvm.maxvit_t(num_classes=n),
         _images(224),
         "classifier.5",
         bias=False,
@@ -164,7 +167,7 @@ FAMILIES = [
     # in eval mode, so imprinting starts them from the mean of their old rows)
     Family(
         "tv-googlenet_aux",
-        lambda: tvm.googlenet(num_classes=7, aux_logits=True, init_weights=True),
+        lambda n: tvm.googlenet(num_classes=n, aux_logits=True, init_weights=True),
         _images(64),
         "fc",
         paths=("fc", "aux1.fc2", "aux2.fc2"),
@@ -253,7 +256,7 @@ def build() -> Callable[[str], Built]:
         if fid not in _CACHE:
             fam = BY_ID[fid]
             torch.manual_seed(0)
-            model = fam.build().eval()
+            model = fam.build(NUM_CLASSES).eval()
             g = torch.Generator().manual_seed(1)
             x = fam.inputs(2, g)
             with torch.no_grad():
@@ -335,7 +338,7 @@ def test_every_init_keeps_old_rows_and_logits(
 
 
 @pytest.mark.parametrize("fid", IDS)
-def test_split_layout_is_bit_identical_and_round_trips(
+def test_split_layout_is_bit_identical_fuse_reloads_and_split_round_trips(
     build: Callable[[str], Built], fid: str
 ) -> None:
     b = build(fid)
@@ -359,6 +362,11 @@ def test_split_layout_is_bit_identical_and_round_trips(
             assert torch.equal(bias, rows[p][1])
     fused_logits = b.out(model)
     torch.testing.assert_close(fused_logits, split_logits)
+    # the fused head is what the framework builds for n + k classes: the state dict loads
+    # strictly into a fresh model of that size, which gives the same logits
+    bigger = b.family.build(NUM_CLASSES + len(NEW)).eval()
+    bigger.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(b.out(bigger), fused_logits)
 
     hg.split(model, NUM_CLASSES)
     for p in b.family.all_paths:
