@@ -129,13 +129,14 @@ def model_labels(model, head: str | None = None) -> LabelMap:
     from .heads import find_head
 
     n = find_head(model, head).num_classes
-    stored = getattr(model, LABELS_ATTR, None)
-    if stored is not None and len(stored) == n:
-        return LabelMap(stored)
+    # a Hugging Face config is what users (and save_pretrained) edit, so it wins
     config = getattr(model, "config", None)
     id2label = getattr(config, "id2label", None)
     if id2label and len(id2label) == n:
         return LabelMap.from_id2label(id2label)
+    stored = getattr(model, LABELS_ATTR, None)
+    if stored is not None and len(stored) == n:
+        return LabelMap(stored)
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("label_names") and len(cfg["label_names"]) == n:
         return LabelMap(cfg["label_names"])
