@@ -157,3 +157,18 @@ def test_a_num_classes_property_is_not_overwritten() -> None:
     model = WithProperty()
     hg.add_classes(model, ["n"], seed=0)
     assert model.num_classes == 4
+
+
+def test_an_edited_hugging_face_config_wins_over_stored_names() -> None:
+    cfg = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=8,
+        num_labels=2,
+    )
+    model = transformers.BertForSequenceClassification(cfg)
+    hg.add_classes(model, ["c"], seed=0)
+    model.config.id2label = {0: "neg", 1: "pos", 2: "neutral"}  # the user renames classes
+    assert hg.labels(model).names == ["neg", "pos", "neutral"]
