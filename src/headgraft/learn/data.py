@@ -115,6 +115,9 @@ class Examples:
             return DatasetExamples(data.dataset, data.collate_fn)
         if isinstance(data, Dataset) and _map_style(data):
             return DatasetExamples(data, default_collate)
+        names = getattr(data, "names", None)
+        if isinstance(names, list) and hasattr(data, "__iter__") and len(names) == len(data):
+            return LazyExamples(data)
         if isinstance(data, Mapping) or not isinstance(data, Iterable):
             raise InputError(
                 f"cannot read examples from a {type(data).__name__}; pass "
@@ -143,6 +146,32 @@ class Examples:
 
 def _map_style(ds: Any) -> bool:
     return hasattr(ds, "__getitem__") and hasattr(ds, "__len__")
+
+
+class LazyExamples(Examples):
+    """A re-iterable batch source whose labels are known up front (``headgraft.data``'s
+    ``DataSource``: ``names`` holds every example's label). It is streamed when the head's
+    features are all that is needed (frozen regime) and read into memory only on the first
+    random access (full fine-tuning)."""
+
+    def __init__(self, source: Any) -> None:
+        super().__init__(list(source.names))
+        self.source = source
+        self._materialised: Examples | None = None
+
+    @property
+    def materialised(self) -> bool:
+        return self._materialised is not None
+
+    def stream(self) -> Iterable[Any]:
+        """Every example's inputs, batch by batch, in order."""
+        for x, _ in iter_batches(self.source):
+            yield x
+
+    def inputs(self, idx: torch.Tensor) -> Any:
+        if self._materialised is None:
+            self._materialised = Examples._materialise(self.source)
+        return self._materialised.inputs(idx)
 
 
 class TensorExamples(Examples):

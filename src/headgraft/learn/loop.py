@@ -45,7 +45,7 @@ from ..layers import SplitHead
 from ..stats import ClassStats
 from . import distributed as D
 from .calibrate import CALIBRATIONS, calibrate, clip_nonnegative, head_forward
-from .data import Concat, Examples
+from .data import Concat, Examples, LazyExamples
 from .freeze import FrozenRows, freeze_old_rows
 from .losses import DistillationLoss, FeatureDistillationLoss
 from .memory import SELECTIONS, BalancedBatches, ExemplarMemory, _epoch_seed
@@ -748,15 +748,24 @@ class _Run:
     def _features(self, model: nn.Module, ex: Examples, idx: torch.Tensor) -> torch.Tensor:
         """float32 head inputs of ``ex[idx]`` in eval mode (sharded over ranks, gathered)."""
         path = find_head(model, self.cfg.head).path
-        local = idx[D.shard(len(idx))]
+        streamed = (
+            isinstance(ex, LazyExamples)
+            and not ex.materialised
+            and torch.equal(idx, torch.arange(len(ex)))
+        )
+        local = idx if streamed else idx[D.shard(len(idx))]
+        chunks = (
+            ex.stream()
+            if streamed
+            else (ex.inputs(c) for c in local.split(max(self.cfg.batch_size, 256)))
+        )
         was = model.training
         model.eval()
         out: list[torch.Tensor] = []
-        bs = max(self.cfg.batch_size, 256)
         try:
             with capture_inputs(model, [path]) as store, self._autocast():
-                for chunk in local.split(bs):
-                    inputs = _to(ex.inputs(chunk), self.device)
+                for x in chunks:
+                    inputs = _to(x, self.device)
                     forward(model, inputs)
                     out.append(_reduce(store[path].pop(), inputs).float().cpu())
                     store[path].clear()
@@ -764,6 +773,8 @@ class _Run:
             model.train(was)
         d = self.head_info.in_features
         f = torch.cat(out) if out else torch.zeros(0, d)
+        if streamed:  # every rank read the whole source
+            return f
         return D.unshard(D.all_gather_cat(f), len(idx))
 
     def _new_stats(self) -> ClassStats:
