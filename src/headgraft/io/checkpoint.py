@@ -5,7 +5,7 @@ checkpoint (``model.safetensors.index.json``) and a PyTorch file (``.pt/.pth/.bi
 with ``torch.load(weights_only=True)``; pickles that it rejects need ``trust_pickle``).
 
 Growing the head of a safetensors file never loads the model: the new header is written, the
-unchanged tensors' bytes are copied range by range (``os.copy_file_range``) and only the head
+unchanged tensors' bytes are copied range by range through a small buffer and only the head
 tensors are materialised, so peak memory is about one head, not the model. Label names travel in
 the safetensors metadata under ``labels`` (a JSON list) and in a torch state dict's
 ``_metadata[""]["headgraft_labels"]``.
@@ -165,27 +165,31 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+_CHUNK = 1 << 20  # small enough to stay in the CPU cache: as fast as `cp` at any alignment
+_WRITEBACK = 64 << 20  # start writing back every 64 MiB, so the final fsync has little left
+
+
 def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
-    """Copy ``length`` bytes of ``src`` from ``offset`` to ``dst``'s position, in the kernel
-    where possible (as ``cp`` does), else through a bounded buffer."""
+    """Copy ``length`` bytes of ``src`` from ``offset`` to ``dst``'s position through one
+    reused 1 MiB buffer. (``os.copy_file_range`` is slower here: the new header shifts the
+    data, so source and destination pages are misaligned.)"""
+    buf = memoryview(bytearray(min(_CHUNK, max(length, 1))))
     end = offset + length
-    if hasattr(os, "copy_file_range"):
-        try:
-            while offset < end:
-                done = os.copy_file_range(src, dst, min(end - offset, 1 << 30), offset_src=offset)
-                if done == 0:
-                    raise OSError("unexpected end of the input file")
-                offset += done
-            return
-        except OSError as e:
-            if e.errno not in (18, 22, 38, 95, 1):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP, EPERM
-                raise
+    flushed = pos = os.lseek(dst, 0, os.SEEK_CUR)
     while offset < end:
-        chunk = os.pread(src, min(end - offset, 16 << 20), offset)
-        if not chunk:
+        n = os.preadv(src, [buf[: min(len(buf), end - offset)]], offset)
+        if n == 0:
             raise OSError("unexpected end of the input file")
-        os.write(dst, chunk)
-        offset += len(chunk)
+        done = 0
+        while done < n:
+            done += os.write(dst, buf[done:n])
+        offset += n
+        pos += n
+        if pos - flushed >= _WRITEBACK and hasattr(os, "posix_fadvise"):
+            # DONTNEED on freshly written pages starts their writeback now (they stay cached
+            # until written), overlapping the disk with the copy instead of waiting at fsync
+            os.posix_fadvise(dst, flushed, pos - flushed, os.POSIX_FADV_DONTNEED)
+            flushed = pos
 
 
 def rewrite_safetensors(
