@@ -328,3 +328,37 @@ def test_missing_shard_and_unknown_format_are_input_errors(tmp_path) -> None:
         open_checkpoint(tmp_path / "weights.h5")
     with pytest.raises(InputError, match="does not exist"):
         open_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_a_training_checkpoint_keeps_its_optimizer_in_step(tmp_path) -> None:
+    """A .pt holding model, optimizer and epoch (the yolov5 case): grafting the bare file grows
+    the optimizer's moments too, so training resumes from the file alone."""
+    from headgraft.io.sources import add_labels, load_model, save_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt = torch.optim.Adam(model.parameters())
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(16, 6)).logsumexp(1).mean().backward()
+        opt.step()
+    path = tmp_path / "train.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3}, path)
+    loaded = load_model(str(path))
+    add_labels(loaded, ["fox"], seed=0)
+    save_model(loaded, str(tmp_path / "grown.pt"))
+    saved = torch.load(tmp_path / "grown.pt", weights_only=True)
+    assert saved["epoch"] == 3 and saved["model"]["2.weight"].shape == (4, 8)
+    state = saved["optimizer"]["state"]
+    old = opt.state_dict()["state"]
+    assert (
+        torch.equal(state[2]["exp_avg"][:3], old[2]["exp_avg"]) and not state[2]["exp_avg"][3].any()
+    )
+    assert torch.equal(state[3]["exp_avg_sq"][:3], old[3]["exp_avg_sq"])
+    assert torch.equal(state[0]["exp_avg"], old[0]["exp_avg"])
+    grown = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    grown.load_state_dict(saved["model"])
+    resumed = torch.optim.Adam(grown.parameters())
+    resumed.load_state_dict(saved["optimizer"])
+    grown(torch.randn(4, 6)).sum().backward()
+    resumed.step()  # shapes fit: the step runs

@@ -313,7 +313,7 @@ def add(
         options = _init_options(init_arg)
         if (optimizer is None) != (optimizer_out is None):
             raise InputError("--optimizer and --optimizer-out go together; pass both")
-        sources = [model, weights, optimizer]
+        sources = [model, weights, optimizer, data, stats]
         check_output(out, sources, force=force)
         if optimizer_out is not None:
             check_output(optimizer_out, [*sources, out], force=force)
