@@ -378,3 +378,16 @@ def test_read_only_output_folder(tmp_path: Path, headgraft_sub) -> None:
     err = result.stderr.strip()
     assert "\n" not in err and re.search(r"cannot write to .* \(\w.*\); choose a writable", err)
     assert not [p for p in ro.iterdir() if p.name.startswith(".grown")]
+
+
+def test_trust_pickle_allows_what_the_refusal_named(tmp_path: Path, headgraft_cli) -> None:
+    torch.save({"model": _state(), "args": argparse.Namespace(lr=0.1)}, tmp_path / "old.pt")
+    out = tmp_path / "grown.pt"
+    refused = headgraft_cli("add", tmp_path / "old.pt", "--labels", "x", "-o", out)
+    assert refused.returncode == 2 and "--trust-pickle" in refused.stderr and not out.exists()
+    result = headgraft_cli(
+        "add", tmp_path / "old.pt", "--labels", "x", "-o", out, "--trust-pickle", "--json"
+    ).json()
+    assert result["verified"]["rows_verified"] == 3
+    saved = torch.load(out, weights_only=False)
+    assert saved["args"].lr == 0.1 and saved["model"]["fc.weight"].shape == (4, 8)

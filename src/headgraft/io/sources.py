@@ -65,6 +65,8 @@ class Loaded:
         head_model: the checkpoint's head as a small module (what is grafted).
         original: head rows as loaded, per head path (to verify the output against).
         row_map: after grafting, the original row of every current row (None: a new row).
+        max_shard_size: the largest input shard of a sharded Hugging Face folder, in bytes.
+        trust_pickle: whether pickled objects were allowed when loading (and re-opening).
     """
 
     model: nn.Module | None
@@ -80,6 +82,7 @@ class Loaded:
     original: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
     row_map: list[int | None] | None = None
     max_shard_size: int | None = None
+    trust_pickle: bool = False
 
     @property
     def target(self) -> nn.Module:
@@ -418,6 +421,7 @@ def load_model(
             loaded = _load_hf(p, head)
         else:
             loaded = _load_checkpoint(source, head, trust_pickle)
+    loaded.trust_pickle = trust_pickle
     loaded._snapshot()
     return loaded
 
@@ -585,20 +589,20 @@ def _same_rows(new: torch.Tensor, old: torch.Tensor, row_map: Sequence[int | Non
     return torch.equal(_bits(new[dst]), _bits(old[src]))
 
 
-def read_labels(path: str | os.PathLike[str]) -> list[str] | None:
+def read_labels(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> list[str] | None:
     """The label names saved with an output (a folder's ``config.json``, else the weights)."""
     p = Path(path)
     if p.is_dir() and (p / "config.json").is_file():
         id2label = _read_json(p / "config.json").get("id2label")
         if isinstance(id2label, dict) and id2label:
             return LabelMap.from_id2label(id2label).names
-    return open_checkpoint(p).labels()
+    return open_checkpoint(p, trust_pickle=trust_pickle).labels()
 
 
 def verify_output(loaded: Loaded, out: str) -> dict[str, Any]:
     """Re-open ``out`` and check that every original row is there, bit-identical, and that
     the labels were saved; on failure the output is removed and an error raised."""
-    written = open_checkpoint(out, trust_pickle=False)
+    written = open_checkpoint(out, trust_pickle=loaded.trust_pickle)
     row_map = loaded.row_map or list(range(next(iter(loaded.original.values()))[0].shape[0]))
     names: dict[str, tuple[str, str | None]] = {}
     if loaded.kind == "checkpoint":
@@ -620,7 +624,7 @@ def verify_output(loaded: Loaded, out: str) -> dict[str, Any]:
             bn not in written.names() or not _same_rows(written.tensor(bn), b0, row_map)
         ):
             problems.append(f"{bn} old rows differ")
-    labels = read_labels(out)
+    labels = read_labels(out, trust_pickle=loaded.trust_pickle)
     if labels != loaded.labels.names:
         problems.append(f"saved labels {labels!r} are not {loaded.labels.names!r}")
     if problems:
