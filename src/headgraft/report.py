@@ -162,7 +162,7 @@ class Report:
         style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;"
                  "padding:0 1em;color:#222}table{border-collapse:collapse;margin:1em 0}"
                  "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
-                 "th{background:#f3f3f3}img{max-width:100%}code,pre{background:#f6f6f6}"
+                 "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}code,pre{background:#f6f6f6}"
                  "pre{padding:.6em;overflow-x:auto}")
         return (f"<!doctype html><html><head><meta charset='utf-8'><title>"
                 f"{html.escape(self.title)}</title><style>{style}</style></head><body>"
