@@ -45,8 +45,6 @@ from .checkpoint import (
     open_checkpoint,
 )
 
-KINDS = ("hf", "arch", "checkpoint")
-
 
 @dataclass
 class Loaded:
