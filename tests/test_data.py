@@ -154,10 +154,33 @@ def test_feature_errors_name_the_fix(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"class\(es\) 'owl' that are neither"):
         load_data(tmp_path / "f.npz", loaded=loaded, labels=["a", "b", "c", "fox"])
     np.savez(tmp_path / "nolab.npz", features=np.zeros((2, 5), np.float32))
-    with pytest.raises(InputError, match="needs arrays 'features' and 'labels'"):
+    with pytest.raises(InputError, match=r"needs arrays 'features' \(head inputs\) or 'inputs'"):
         load_data(tmp_path / "nolab.npz")
     with pytest.raises(InputError, match="does not exist"):
         load_data(tmp_path / "missing.npz")
     (tmp_path / "x.parquet").write_text("")
     with pytest.raises(InputError, match="cannot read --data"):
         load_data(tmp_path / "x.parquet")
+
+
+def test_model_inputs_file_feeds_a_whole_model(tmp_path):
+    """An array file with 'inputs' holds model inputs: it goes with a whole model only."""
+    import numpy as np
+
+    from headgraft.demo import digits_mlp
+    from headgraft.io.sources import load_model, write_state_dict
+
+    weights = tmp_path / "mlp.safetensors"
+    model = digits_mlp(3)
+    write_state_dict(model.state_dict(), weights, ["a", "b", "c"])
+    path = tmp_path / "x.npz"
+    np.savez(path, inputs=np.random.rand(5, 64).astype("float32"),
+             labels=np.array(["a", "b", "c", "a", "d"]))
+    loaded = load_model(str(weights), arch="headgraft.demo:digits_mlp")
+    src = load_data(path, loaded=loaded)
+    assert src.key == "inputs" and src.classes == ["a", "b", "c", "d"]
+    (x, y), = list(src)
+    assert x.shape == (5, 64) and y == ["a", "b", "c", "a", "d"]
+    bare = load_model(str(weights))
+    with pytest.raises(InputError, match="needs the whole model"):
+        load_data(path, loaded=bare)

@@ -6,7 +6,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
@@ -107,3 +106,23 @@ def test_report_html_renders_with_every_image_loaded(demo_out, tmp_path):
                            (out / "report.html").as_uri()],
                    capture_output=True, timeout=120, env={**os.environ, "HOME": str(tmp_path)})
     assert shot.is_file() and mpimg.imread(shot).shape[1] == 1200
+
+
+def test_report_command_reproduces_its_row(demo_out, tmp_path):
+    """The command printed for the data-free row gives the same numbers through the CLI."""
+    import shlex
+
+    out, _ = demo_out
+    res = json.loads((out / "results.json").read_text())
+    args = shlex.split(res["commands"]["data-free"])
+    assert args[:2] == ["headgraft", "learn"]
+    target = tmp_path / "data-free.safetensors"
+    args[args.index("-o") + 1] = str(target)
+    proc = subprocess.run([sys.executable, "-m", "headgraft", *args[1:], "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = json.loads(proc.stdout)["after"]
+    row = res["strategies"]["data-free"]
+    for key in ("old_accuracy", "new_accuracy", "all_accuracy"):
+        assert after[key] == pytest.approx(row[key], abs=1e-6)
+    assert target.is_file()

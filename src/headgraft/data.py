@@ -235,15 +235,21 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
 
 
 class FeatureFile(DataSource):
-    """Precomputed head inputs: ``features [N, d]`` and ``labels [N]`` in a ``.safetensors``
-    or ``.npz`` file. Integer labels index ``classes`` (stored in the file: an npz array, or
-    safetensors metadata as a JSON list), else the label list given to :func:`load_data`."""
+    """Arrays in a ``.safetensors`` or ``.npz`` file: precomputed head inputs
+    (``features [N, d]``) or model inputs (``inputs [N, ...]``, for models that take a
+    tensor), with ``labels [N]``. Integer labels index ``classes`` (stored in the file: an npz
+    array, or safetensors metadata as a JSON list), else the label list given to
+    :func:`load_data`."""
 
     kind = "features"
 
     def __init__(self, path: Path, batch_size: int, labels: Sequence[str] | None) -> None:
-        features, raw, classes = _read_features(path)
-        if features.dim() != 2 or not features.is_floating_point():
+        features, raw, classes, self.key = _read_features(path)
+        if self.key == "inputs":
+            if len(features) == 0 or not features.is_floating_point():
+                raise InputError(f"{path}: 'inputs' must be a non-empty float array, not "
+                                 f"{features.dtype} {tuple(features.shape)}")
+        elif features.dim() != 2 or not features.is_floating_point():
             raise InputError(
                 f"{path}: 'features' must be a float [N, d] array, not "
                 f"{features.dtype} {tuple(features.shape)}"
@@ -275,7 +281,8 @@ class FeatureFile(DataSource):
             yield self.features[idx.start : idx.stop], self.names[idx.start : idx.stop]
 
 
-def _read_features(path: Path) -> tuple[torch.Tensor, list[Any], list[str] | None]:
+def _read_features(path: Path) -> tuple[torch.Tensor, list[Any], list[str] | None, str]:
+    """(array, raw labels, class names or None, key): key is ``features`` or ``inputs``."""
     if path.suffix == ".npz":
         import numpy as np
 
@@ -284,25 +291,29 @@ def _read_features(path: Path) -> tuple[torch.Tensor, list[Any], list[str] | Non
                 arrays = {k: z[k] for k in z.files}
         except (ValueError, OSError) as e:
             raise InputError(f"{path} is not a readable .npz of plain arrays ({e})") from None
-        if "features" not in arrays or "labels" not in arrays:
+        key = next((k for k in ("features", "inputs") if k in arrays), None)
+        if key is None or "labels" not in arrays:
             raise InputError(
-                f"{path} needs arrays 'features' and 'labels' (has: {', '.join(arrays)})"
+                f"{path} needs arrays 'features' (head inputs) or 'inputs' (model inputs) and "
+                f"'labels' (has: {', '.join(arrays)})"
             )
         labels = arrays["labels"]
         raw = [str(x) for x in labels] if labels.dtype.kind in "US" else labels.tolist()
         classes = [str(x) for x in arrays["classes"]] if "classes" in arrays else None
-        return torch.from_numpy(np.ascontiguousarray(arrays["features"])), raw, classes
+        return torch.from_numpy(np.ascontiguousarray(arrays[key])), raw, classes, key
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             keys = set(f.keys())
-            if not {"features", "labels"} <= keys:
+            key = next((k for k in ("features", "inputs") if k in keys), None)
+            if key is None or "labels" not in keys:
                 raise InputError(
-                    f"{path} needs tensors 'features' and 'labels' (has: {', '.join(sorted(keys))})"
+                    f"{path} needs tensors 'features' (head inputs) or 'inputs' (model inputs) "
+                    f"and 'labels' (has: {', '.join(sorted(keys))})"
                 )
-            features, labels = f.get_tensor("features"), f.get_tensor("labels")
+            features, labels = f.get_tensor(key), f.get_tensor("labels")
     except (SafetensorError, OSError) as e:
         raise InputError(f"{path} is not a readable safetensors file ({e})") from None
     classes = None
@@ -316,7 +327,7 @@ def _read_features(path: Path) -> tuple[torch.Tensor, list[Any], list[str] | Non
             break
     if labels.is_floating_point():
         raise InputError(f"{path}: 'labels' must be integer class indices, not {labels.dtype}")
-    return features, labels.flatten().tolist(), classes
+    return features, labels.flatten().tolist(), classes, key
 
 
 # ----------------------------------------------------------------------------- formats
@@ -356,13 +367,18 @@ def _open_text(path: Path, loaded: Any, labels: Sequence[str] | None, bs: int) -
 
 def _open_features(path: Path, loaded: Any, labels: Sequence[str] | None, bs: int) -> DataSource:
     src = FeatureFile(path, bs, labels)
+    if src.key == "inputs":  # model inputs: only a whole model can take them
+        if loaded is not None:
+            loaded.require_model(f"model inputs ({path})")
+        return src
     if loaded is not None:
         from .heads import is_head_module
 
         if loaded.model is not None and not is_head_module(loaded.model):
             raise InputError(
-                f"{path} holds head inputs, which feed the head directly; graft the weights "
-                "file itself (MODEL = the .safetensors/.pt file), or give images or text"
+                f"{path} holds head inputs ('features'), which feed the head directly; graft "
+                "the weights file itself (MODEL = the .safetensors/.pt file), or store model "
+                "inputs under 'inputs', or give images or text"
             )
         d = loaded.find_head().in_features
         if src.dim != d:
@@ -384,7 +400,8 @@ for _fmt, _desc in (
     ),
     (
         DataFormat("features", lambda p: p.suffix in (".safetensors", ".npz"), _open_features),
-        "a .safetensors or .npz file with features [N, d] and labels [N] (head inputs)",
+        "a .safetensors or .npz file with labels [N] and features [N, d] (head inputs) or "
+        "inputs [N, ...] (model inputs)",
     ),
 ):
     DATA_FORMATS.register(_fmt.name, _desc)(_fmt)

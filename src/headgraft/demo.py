@@ -163,7 +163,7 @@ def _score(model: nn.Module, split: Split, reference: nn.Module | None = None) -
 def _write_npz(path: Path, x: torch.Tensor, names: list[str]) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, features=x.numpy(), labels=np.array(names))
+            np.savez(f, inputs=x.numpy(), labels=np.array(names))
 
 
 def _base_model(cfg: DemoConfig, split: Split, seed: int) -> tuple[nn.Module, Path]:
@@ -324,7 +324,7 @@ def commands(cfg: DemoConfig) -> dict[str, str]:
                 "--regime", st.regime, "--test", str(out / "data" / "test.npz")]
         if st.old_data:
             args += ["--old-data", str(out / "data" / "old_train.npz"),
-                     "--memory", str(cfg.memory)]
+                     "--memory-per-class", str(cfg.memory)]
         if st.stats:
             args += ["--stats", str(out / "old_stats.safetensors")]
         if st.recipe != "data-free":
