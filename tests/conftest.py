@@ -25,7 +25,12 @@ def digits_base(digits_split: Split) -> nn.Module:
 
     Session-scoped and read-only: tests that change it work on a ``copy.deepcopy``.
     """
-    model = train_base(digits_split, OLD_DIGITS, epochs=40, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batches of 64 x 128: extra threads only add spinning
+    try:
+        model = train_base(digits_split, OLD_DIGITS, epochs=40, seed=0)
+    finally:
+        torch.set_num_threads(threads)
     model.headgraft_labels = [str(c) for c in OLD_DIGITS]
     for p in model.parameters():
         p.requires_grad_(True)
