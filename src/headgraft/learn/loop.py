@@ -47,7 +47,12 @@ from . import distributed as D
 from .calibrate import CALIBRATIONS, calibrate, clip_nonnegative, head_forward
 from .data import Concat, Examples, LazyExamples
 from .freeze import FrozenRows, freeze_old_rows
-from .losses import DistillationLoss, FeatureDistillationLoss
+from .losses import (
+    DistillationLoss,
+    FeatureDistillationLoss,
+    SoftTargets,
+    cross_entropy_with_distillation,
+)
 from .memory import SELECTIONS, BalancedBatches, ExemplarMemory, _epoch_seed
 from .strategies import (
     DISTILL_TARGETS,
@@ -1112,26 +1117,26 @@ class _Run:
         y = self._all_targets()[batch].to(self.device)
         if self.cfg.regime == "frozen":
             feats = self._pool_feats()[batch]
-            t_logits = self._pool_teacher_logits()[batch] if self.distill else None
+            soft = self._pool_soft(distill).select(batch) if self.distill else None
             if self.pseudo is not None:
                 px, py = self._pseudo_batch(gp)
-                feats = torch.cat([feats, px])
+                feats = torch.cat([feats, px.to(self.device)])
                 y = torch.cat([y, py.to(self.device)])
-                if self.distill:
+                if soft is not None:
                     assert self.teacher_head is not None
-                    t_logits = torch.cat([t_logits, self._head_logits(self.teacher_head, px)])
+                    extra = distill.soft_targets(self._head_logits(self.teacher_head, px))
+                    soft = _cat_soft(soft, extra.to(self.device))
             head = get_module(self.model, self.path)
             x = feats.to(self.device, _head_weight(head).dtype)
             if head_kind(head).dim == 1:
                 logits = wrapped(x[:, :, None, None])[:, :, 0, 0].float()
             else:
                 logits = wrapped(x).float()
+            if soft is not None:
+                ce, kl = cross_entropy_with_distillation(logits, y, soft, distill.alpha)
+                return {"ce": ce, "distill": kl, "loss": ce + kl}
             ce = F.cross_entropy(logits, y)
-            parts = {"ce": ce}
-            if self.distill and t_logits is not None:
-                parts["distill"] = distill(logits, t_logits.to(self.device))
-            parts["loss"] = sum(parts.values())
-            return parts
+            return {"ce": ce, "loss": ce}
         pool = self._pool()
         inputs = _to(pool.inputs(batch), self.device)
         want_feats = feat_loss is not None
@@ -1142,11 +1147,15 @@ class _Run:
             with self._autocast():
                 logits = logits_of(forward(wrapped, inputs)).float()
             s_feats = _reduce(store[self.path][-1], inputs) if store is not None else None
-        ce = F.cross_entropy(logits, y)
-        parts = {"ce": ce}
-        if self.distill or want_feats:
+        if self.distill and getattr(self, "teacher_cache", None) is not None:
+            soft = self._full_soft(distill).select(batch)
+            ce, kl = cross_entropy_with_distillation(logits, y, soft, distill.alpha)
+            parts = {"ce": ce, "distill": kl}
+        else:
+            parts = {"ce": F.cross_entropy(logits, y)}
+        if (self.distill and getattr(self, "teacher_cache", None) is None) or want_feats:
             t_logits, t_feats = self._teacher_outputs(batch, inputs)
-            if self.distill:
+            if self.distill and "distill" not in parts:
                 parts["distill"] = distill(logits, t_logits.to(self.device))
             if want_feats and s_feats is not None and t_feats is not None:
                 parts["feature"] = feat_loss(s_feats, t_feats.to(self.device))
@@ -1167,14 +1176,23 @@ class _Run:
             self._pool_feats_cache = torch.cat(parts).to(self.device)
         return self._pool_feats_cache
 
-    def _pool_teacher_logits(self) -> torch.Tensor:
-        if not hasattr(self, "_pool_teacher_cache"):
+    def _pool_soft(self, distill: DistillationLoss) -> SoftTargets:
+        """The teacher's soft targets for every pool example (frozen regime), made once."""
+        if not hasattr(self, "_pool_soft_cache"):
             assert self.teacher_logits is not None
             parts = [self.teacher_logits]
             if self.teacher_mem_logits is not None:
                 parts.append(self.teacher_mem_logits)
-            self._pool_teacher_cache = torch.cat(parts).to(self.device)
-        return self._pool_teacher_cache
+            logits = torch.cat(parts)
+            self._pool_soft_cache = distill.soft_targets(logits).to(self.device)
+        return self._pool_soft_cache
+
+    def _full_soft(self, distill: DistillationLoss) -> SoftTargets:
+        """The teacher's soft targets from its cached outputs (full regime), made once."""
+        if not hasattr(self, "_full_soft_cache"):
+            logits, _ = self.teacher_cache
+            self._full_soft_cache = distill.soft_targets(logits).to(self.device)
+        return self._full_soft_cache
 
     @torch.no_grad()
     def _teacher_outputs(
@@ -1310,6 +1328,12 @@ class _Run:
 
 
 # ============================================================================ helpers
+
+
+def _cat_soft(a: SoftTargets, b: SoftTargets) -> SoftTargets:
+    return SoftTargets(
+        torch.cat([a.probs, b.probs]), torch.cat([a.neg_entropy, b.neg_entropy]), a.temperature
+    )
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -9,11 +9,36 @@ head's input close to the teacher's. Both are ordinary ``nn.Module``s for any tr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class SoftTargets:
+    """A teacher's softened outputs, computed once and indexed per batch.
+
+    ``probs`` is ``softmax(teacher / T)`` over the distilled classes and ``neg_entropy`` is
+    ``sum(p log p)`` per example, so that the KL divergence of a batch is a single soft-label
+    cross-entropy plus a constant: no teacher work is left for the training step.
+    """
+
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+    temperature: float
+
+    def select(self, idx: torch.Tensor) -> SoftTargets:
+        return SoftTargets(self.probs[idx], self.neg_entropy[idx], self.temperature)
+
+    def to(self, device: torch.device | str) -> SoftTargets:
+        return SoftTargets(self.probs.to(device), self.neg_entropy.to(device), self.temperature)
+
+    def __len__(self) -> int:
+        return len(self.probs)
 
 
 class DistillationLoss(nn.Module):
@@ -58,13 +83,47 @@ class DistillationLoss(nn.Module):
         self.alpha = float(alpha)
         self.reduction = reduction
 
+    @torch.no_grad()
+    def soft_targets(self, teacher_logits: torch.Tensor, num_old: int | None = None) -> SoftTargets:
+        """Precompute the teacher's side for ``forward(student, soft=targets.select(idx))``.
+
+        Worth it whenever the teacher's outputs are fixed per example (cached features, inputs
+        without random augmentation): the step then costs one soft-label cross-entropy.
+        """
+        n = num_old if num_old is not None else self.num_old
+        n = teacher_logits.shape[-1] if n is None else int(n)
+        logp = F.log_softmax(teacher_logits[..., :n].float() / self.temperature, dim=-1)
+        p = logp.exp()
+        return SoftTargets(p, (p * logp).sum(-1), self.temperature)
+
     def forward(
         self,
         student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
         num_old: int | None = None,
+        *,
+        soft: SoftTargets | None = None,
     ) -> torch.Tensor:
-        """The weighted distillation term for a batch (a scalar unless ``reduction='none'``)."""
+        """The weighted distillation term for a batch (a scalar unless ``reduction='none'``).
+
+        Pass the teacher's logits, or ``soft`` targets from :meth:`soft_targets`.
+        """
+        if soft is not None:
+            if soft.temperature != self.temperature:
+                raise InputError(
+                    "the soft targets were made at another temperature; make "
+                    "them with this loss's soft_targets()"
+                )
+            n = soft.probs.shape[-1]
+            t = self.temperature
+            z = student_logits[..., :n].float() / t
+            if self.reduction == "none":
+                ce = F.cross_entropy(z, soft.probs, reduction="none")
+                return (self.alpha * t * t) * (ce + soft.neg_entropy)
+            ce = F.cross_entropy(z, soft.probs)
+            return (self.alpha * t * t) * (ce + soft.neg_entropy.mean())
+        if teacher_logits is None:
+            raise InputError("pass the teacher's logits or its soft targets (soft=)")
         n = num_old if num_old is not None else self.num_old
         n = teacher_logits.shape[-1] if n is None else int(n)
         if not 0 < n <= min(student_logits.shape[-1], teacher_logits.shape[-1]):
@@ -110,3 +169,61 @@ class FeatureDistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, kind={self.kind!r}"
+
+
+class _CrossEntropyDistill(torch.autograd.Function):
+    """Cross-entropy and the distillation KL of one logits tensor, in one autograd node.
+
+    Both softmaxes are computed once in the forward pass (their log-sum-exps recovered from the
+    largest probability, so no second exponential pass), and the gradient is written out:
+    ``softmax(z) - onehot`` plus ``alpha * T * (softmax(z_old / T) - p)`` on the old columns.
+    The pair then costs about two passes over the logits more than cross-entropy alone.
+    """
+
+    @staticmethod
+    def forward(ctx, z, y, probs, neg_entropy, temperature, alpha):  # noqa: ANN001, ANN205
+        n = probs.shape[1]
+        b = z.shape[0]
+        sm = torch.softmax(z, dim=1)
+        # log-sum-exp per row from the largest logit and the largest probability (same column)
+        lse = z.amax(dim=1) - sm.amax(dim=1).log()
+        ce = (lse.sum() - z.gather(1, y[:, None]).sum()) / b
+        zt = z[:, :n] / temperature
+        q = torch.softmax(zt, dim=1)
+        lse_t = zt.amax(dim=1) - q.amax(dim=1).log()
+        cross = (torch.dot(probs.reshape(-1), zt.reshape(-1)) - lse_t.sum()) / b
+        kl = (neg_entropy.sum() / b - cross) * (alpha * temperature * temperature)
+        ctx.save_for_backward(sm, q, probs, y)
+        ctx.temperature, ctx.alpha = temperature, alpha
+        return ce, kl
+
+    @staticmethod
+    def backward(ctx, g_ce, g_kl):  # noqa: ANN001, ANN205
+        sm, q, probs, y = ctx.saved_tensors
+        b = sm.shape[0]
+        grad = sm  # used once, so it becomes the gradient in place
+        grad.scatter_add_(
+            1, y[:, None], torch.full((b, 1), -1.0, dtype=grad.dtype, device=grad.device)
+        )
+        grad.mul_(g_ce / b)
+        grad[:, : probs.shape[1]].add_(
+            q - probs, alpha=float(g_kl) * ctx.alpha * ctx.temperature / b
+        )
+        return grad, None, None, None, None, None
+
+
+def cross_entropy_with_distillation(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    soft: SoftTargets,
+    alpha: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cross_entropy(logits, targets), DistillationLoss(...)(logits, soft=soft))`` at once.
+
+    The same two values as the separate losses (float32, mean over the batch), computed in a
+    single pass with a hand-written gradient: the fast path for cached soft targets.
+    """
+    z = logits.float()
+    return _CrossEntropyDistill.apply(
+        z, targets, soft.probs.to(z), soft.neg_entropy.to(z), float(soft.temperature), float(alpha)
+    )
