@@ -200,12 +200,15 @@ def add_classes(
             logits=lambda x, _m=module: head_logits(_m, x),
             cosine_scale=float(base.scale.detach()) if isinstance(base, CosineLinear) else None,
         )
-        if path not in feats and init in ("imprint",) and examples is not None:
-            ctx.options = {**options}
-            rows = INITS.get("mean")(ctx)  # an auxiliary head that does not run in eval mode
+        # an auxiliary head (GoogLeNet's aux1/aux2) does not run in eval mode, so it has no
+        # features: it starts from the mean of its rows, with a bias that needs none
+        aux = examples is not None and path not in feats
+        if aux and (init == "imprint" or (init == "copy" and not options.get("source"))):
+            rows = INITS.get("mean")(ctx)
         else:
             rows = initialiser(ctx)
-        new_bias = _bias_for(ctx, rows, bias, path, has_bias=b_old is not None)
+        policy = "mean" if aux and bias in ("silent", "balanced") else bias
+        new_bias = _bias_for(ctx, rows, policy, path, has_bias=b_old is not None)
         _check_finite(rows.weight, f"the new rows from init {init!r}")
         shape = (len(new_names), *w_old.shape[1:])
         w_new = rows.weight.reshape(shape).to(dtype=w_old.dtype, device=w_old.device)
@@ -252,7 +255,9 @@ def _bias_for(ctx: InitContext, rows: NewRows, bias: str, path: str,
     return BIASES.get(bias)(ctx, rows)
 
 
-def remove_classes(model: nn.Module, labels: Sequence[str], *, head: str | None = None) -> nn.Module:
+def remove_classes(
+    model: nn.Module, labels: Sequence[str], *, head: str | None = None
+) -> nn.Module:
     """Drop the rows of ``labels`` (in place; the model is returned).
 
     Removing exactly the rows a split head added restores the original layer object;

@@ -77,16 +77,17 @@ class InitContext:
         std = float(self.weight.std()) if self.weight.numel() > 1 else 0.0
         return std if std > 0 else 1.0 / math.sqrt(self.in_features)
 
-    def need_features(self, init: str) -> dict[str, torch.Tensor]:
+    def need_features(self, what: str) -> dict[str, torch.Tensor]:
+        """The new classes' features; ``what`` (e.g. ``"init 'imprint'"``) names the user."""
         if not self.features:
             raise InputError(
-                f"init {init!r} needs examples of the new classes; pass examples=(inputs, "
+                f"{what} needs examples of the new classes; pass examples=(inputs, "
                 "labels) or a DataLoader (CLI: --data PATH)"
             )
         missing = [c for c in self.new_labels if c not in self.features]
         if missing:
             raise InputError(
-                f"init {init!r}: the examples have none of class(es) {', '.join(missing)}; "
+                f"{what}: the examples have none of class(es) {', '.join(missing)}; "
                 "add at least one example of every new class"
             )
         return self.features
@@ -175,7 +176,7 @@ def _noise(ctx: InitContext, like: torch.Tensor) -> torch.Tensor:
 
 def _nearest_old(ctx: InitContext, label: str) -> int:
     """The old class whose logit is highest, on average, for the new class's examples."""
-    feats = ctx.need_features("copy")[label]
+    feats = ctx.need_features("init 'copy'")[label]
     assert ctx.logits is not None
     return int(ctx.logits(feats).mean(0).argmax())
 
@@ -233,7 +234,7 @@ def _mean(ctx: InitContext) -> NewRows:
     "norm (Qi et al., imprinted weights); needs examples",
 )
 def _imprint(ctx: InitContext) -> NewRows:
-    feats = ctx.need_features("imprint")
+    feats = ctx.need_features("init 'imprint'")
     scale = 1.0 if ctx.cosine_scale is not None else ctx.mean_norm()
     w = torch.stack(
         [F.normalize(F.normalize(feats[c], dim=1).mean(0), dim=0) for c in ctx.new_labels]
