@@ -374,14 +374,14 @@ BAD = [
         mlp,
         _add(["x"], init="imprint"),
         hg.InputError,
-        "needs examples.*pass examples=",
+        "^init 'imprint' needs examples of the new classes; pass examples=",
     ),
     (
         "imprint-missing-class",
         mlp,
         _add(["x", "y", "z"], init="imprint", examples=X8),
         hg.InputError,
-        "none of class.*z.*add at least one example",
+        "^init 'imprint': the examples have none of class.*z.*add at least one example",
     ),
     (
         "stats-without-stats",
@@ -410,6 +410,13 @@ BAD = [
         _add(["x"], init="copy", init_options={"source": "cat"}),
         hg.InputError,
         "copy source 'cat' is not an existing class; choose one of: 0, 1, 2, 3",
+    ),
+    (
+        "balanced-without-examples",
+        mlp,
+        _add(["x"], bias="balanced"),
+        hg.InputError,
+        "^bias 'balanced' needs examples of the new classes; pass examples=",
     ),
     ("copy-without-source", mlp, _add(["x"], init="copy"), hg.InputError, "needs a source class"),
     (

@@ -508,3 +508,23 @@ def test_hf_grown_model_reloads_with_from_pretrained(
     assert again.config.num_labels == NUM_CLASSES + len(NEW)
     assert hg.labels(again).names == hg.labels(model).names
     assert torch.equal(b.out(again), expected)
+
+
+@pytest.mark.parametrize(("init", "bias"), [("imprint", "silent"), ("copy", "balanced")])
+def test_auxiliary_heads_without_features_start_from_the_mean(
+    build: Callable[[str], Built], init: str, bias: str
+) -> None:
+    """GoogLeNet's aux heads do not run in eval mode, so examples give them no features:
+    they start from the mean of their old rows instead of failing for lack of examples."""
+    b = build("tv-googlenet_aux")
+    model = b.fresh()
+    hg.add_classes(model, NEW, init=init, bias=bias, examples=b.examples, seed=0)
+    _assert_old_rows_kept(b, model, NUM_CLASSES + len(NEW))
+    for p in ("aux1.fc2", "aux2.fc2"):
+        w, _ = full_rows(get_module(model, p))
+        old = b.rows[p][0]
+        spread = (old - old.mean(0)).norm(dim=1).mean()
+        assert ((w[NUM_CLASSES:] - old.mean(0)).norm(dim=1) < 0.2 * spread).all()
+    model.train()
+    outs = model(b.examples[0])  # training mode: the aux heads run and answer for all labels
+    assert [o.shape[-1] for o in outs] == [NUM_CLASSES + len(NEW)] * 3
