@@ -8,8 +8,11 @@
     * trainable backbone: the whole model trains; the teacher's logits are cached once when
       the inputs are fixed (``learn``'s default for tensors and feature files), or computed by
       a forward pass of the frozen teacher every step (inputs with random augmentation).
-    Models: the digits MLP 64-128-128-10 (batch 64) and a torchvision ResNet-18 on 32x32
-    inputs (batch 32). Targets: <= 1.05x frozen, <= 1.35x trainable.
+    With cached soft targets ``learn`` fuses cross-entropy and distillation into one autograd
+    node for logits of >= 16384 numbers and uses the two ordinary losses for smaller ones.
+    Models: the digits MLP 64-128-128-10 (batch 64), an ImageNet-sized head on ResNet-18
+    features (512 -> 1000, batch 256) and a torchvision ResNet-18 on 32x32 inputs (batch 32).
+    Targets: <= 1.05x frozen, <= 1.35x trainable.
 (b) Adding digits 7-9 to the 0-6 MLP through the statistics path (old classes' statistics
     stored with the model; features of the new data only; closed-form head) against
     retraining a linear head on all data, feature extraction included (AdamW mini-batches,
@@ -79,8 +82,8 @@ def _loss_variants(
 
     return {
         "ce": lambda z: F.cross_entropy(z, y),
-        "distill: cached soft targets, fused (learn's path)": fused,
-        "distill: cached soft targets, separate loss": lambda z: (
+        "distill: cached soft targets, fused": fused,
+        "distill: cached soft targets, two losses": lambda z: (
             F.cross_entropy(z, y) + distill(z, soft=soft)
         ),
         f"distill: {teacher_name}": live,

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from headgraft.errors import InputError
 from headgraft.learn import DistillationLoss, FeatureDistillationLoss
+from headgraft.learn.losses import cross_entropy_with_distillation
 
 
 def _manual(student: torch.Tensor, teacher: torch.Tensor, t: float, n: int) -> torch.Tensor:
@@ -74,3 +75,24 @@ def test_feature_distillation() -> None:
     assert float(FeatureDistillationLoss(kind="cosine")(a, 3 * a)) == pytest.approx(0, abs=1e-6)
     with pytest.raises(InputError):
         FeatureDistillationLoss(kind="l1")
+
+
+@pytest.mark.parametrize("shape", [(8, 10, 7), (64, 300, 297)])
+def test_soft_targets_and_fused_step_match_the_plain_losses(shape) -> None:
+    b, c, n = shape
+    g = torch.Generator().manual_seed(2)
+    z = (torch.randn(b, c, generator=g) * 3).requires_grad_(True)
+    y = torch.randint(0, c, (b,), generator=g)
+    teacher = torch.randn(b, n, generator=g) * 3
+    loss = DistillationLoss(temperature=2.0, alpha=0.7)
+    soft = loss.soft_targets(teacher)
+    assert torch.allclose(loss(z, soft=soft), loss(z, teacher), atol=1e-5)
+    ce, kl = cross_entropy_with_distillation(z, y, soft, 0.7)
+    (0.3 * ce + 1.7 * kl).backward()
+    fused_grad, z.grad = z.grad.clone(), None
+    ce2, kl2 = F.cross_entropy(z, y), loss(z, teacher)
+    (0.3 * ce2 + 1.7 * kl2).backward()
+    assert torch.allclose(ce, ce2, atol=1e-5) and torch.allclose(kl, kl2, atol=1e-5)
+    assert torch.allclose(fused_grad, z.grad, atol=1e-6)
+    with pytest.raises(InputError, match="temperature"):
+        DistillationLoss(temperature=3.0)(z, soft=soft)

@@ -1133,7 +1133,7 @@ class _Run:
             else:
                 logits = wrapped(x).float()
             if soft is not None:
-                ce, kl = cross_entropy_with_distillation(logits, y, soft, distill.alpha)
+                ce, kl = _ce_and_distill(logits, y, soft, distill)
                 return {"ce": ce, "distill": kl, "loss": ce + kl}
             ce = F.cross_entropy(logits, y)
             return {"ce": ce, "loss": ce}
@@ -1149,7 +1149,7 @@ class _Run:
             s_feats = _reduce(store[self.path][-1], inputs) if store is not None else None
         if self.distill and getattr(self, "teacher_cache", None) is not None:
             soft = self._full_soft(distill).select(batch)
-            ce, kl = cross_entropy_with_distillation(logits, y, soft, distill.alpha)
+            ce, kl = _ce_and_distill(logits, y, soft, distill)
             parts = {"ce": ce, "distill": kl}
         else:
             parts = {"ce": F.cross_entropy(logits, y)}
@@ -1328,6 +1328,19 @@ class _Run:
 
 
 # ============================================================================ helpers
+
+
+FUSED_MIN_LOGITS = 16384
+
+
+def _ce_and_distill(
+    logits: torch.Tensor, y: torch.Tensor, soft: SoftTargets, distill: DistillationLoss
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and distillation from cached soft targets: one fused node for large
+    logits (fewer passes over memory), two ordinary losses for small ones (fewer calls)."""
+    if logits.numel() >= FUSED_MIN_LOGITS:
+        return cross_entropy_with_distillation(logits, y, soft, distill.alpha)
+    return F.cross_entropy(logits, y), distill(logits, soft=soft)
 
 
 def _cat_soft(a: SoftTargets, b: SoftTargets) -> SoftTargets:
