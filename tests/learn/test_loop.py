@@ -292,3 +292,27 @@ def test_hugging_face_dict_batches_full_regime() -> None:
     assert model.classifier.out_features == 3
     out = model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])
     assert out.logits.shape == (8, 3)
+
+
+def test_weight_align_with_clipping_and_bf16_autocast(scenario) -> None:
+    """WA's clipping step keeps the trained rows non-negative; bf16 autocast runs on CPU."""
+    result = learn(
+        scenario.model(),
+        (scenario.x_new, scenario.y_new),
+        recipe="lwf",
+        regime="full",
+        calibrate="weight-align",
+        wa_clip=True,
+        freeze="nothing",
+        epochs=2,
+        precision="bf16",
+        device="cpu",
+        seed=0,
+    )
+    head = result.model[4]
+    assert bool((head.weight >= 0).all())
+    norms = head.weight.norm(dim=1)
+    assert float(norms[7:].mean()) == pytest.approx(float(norms[:7].mean()), rel=1e-4)
+    assert result.resolved["precision"] == "bfloat16" and result.correction["name"] == (
+        "weight-align"
+    )

@@ -127,6 +127,12 @@ def learn(
         None, "--memory-per-class", "Exemplars kept per old class from --old-data."
     ),
     memory_selection: str | None = _opt(None, "--memory-selection", f"{_choices(SELECTIONS)}."),
+    wa_clip: bool = typer.Option(
+        False,
+        "--wa-clip",
+        help="Weight aligning's clipping step: head weights >= 0 after "
+        "each training step (for non-negative features such as ReLU outputs).",
+    ),
     holdout: float | None = _opt(None, "--holdout", "Share held out for calibration."),
     shrinkage: float | None = _opt(
         None, "--shrinkage", "Covariance shrinkage of closed-form solves (default: OAS)."
@@ -202,6 +208,8 @@ def learn(
         if v is not None
     }
     settings.update(seed=seed, device=device, precision=precision, batch_size=batch_size)
+    if wa_clip:
+        settings["wa_clip"] = True
     with _command():
         LearnConfig.from_recipe(recipe, **settings)  # every name checked before any work
         if memory is not None and old_data is None:

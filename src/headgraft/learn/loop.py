@@ -737,7 +737,16 @@ class _Run:
         self.mem_feats: torch.Tensor | None = None
         if not self._needs_features():
             return
-        self.feats = self._features(self.model, self.examples, torch.arange(len(self.examples)))
+        n = len(self.examples)
+        if self.cfg.regime == "frozen" or not D.is_distributed():
+            self.feats = self._features(self.model, self.examples, torch.arange(n))
+        else:
+            # full fine-tuning needs these features only for statistics: every rank keeps its
+            # own shard, and the statistics are summed across ranks (one all-reduce)
+            self.local_idx = torch.arange(n)[D.shard(n)]
+            self.local_feats = self._features(
+                self.model, self.examples, self.local_idx, gather=False
+            )
         if self.mem_examples is not None and len(self.mem_examples):
             cache = getattr(self, "mem_features_cache", None)
             if cache is not None:
@@ -750,15 +759,18 @@ class _Run:
                 )
 
     @torch.no_grad()
-    def _features(self, model: nn.Module, ex: Examples, idx: torch.Tensor) -> torch.Tensor:
-        """float32 head inputs of ``ex[idx]`` in eval mode (sharded over ranks, gathered)."""
+    def _features(
+        self, model: nn.Module, ex: Examples, idx: torch.Tensor, gather: bool = True
+    ) -> torch.Tensor:
+        """float32 head inputs of ``ex[idx]`` in eval mode (sharded over ranks and gathered;
+        with ``gather=False`` this rank computes exactly ``idx`` and keeps them)."""
         path = find_head(model, self.cfg.head).path
         streamed = (
             isinstance(ex, LazyExamples)
             and not ex.materialised
             and torch.equal(idx, torch.arange(len(ex)))
         )
-        local = idx if streamed else idx[D.shard(len(idx))]
+        local = idx if streamed or not gather else idx[D.shard(len(idx))]
         chunks = (
             ex.stream()
             if streamed
@@ -778,19 +790,25 @@ class _Run:
             model.train(was)
         d = self.head_info.in_features
         f = torch.cat(out) if out else torch.zeros(0, d)
-        if streamed:  # every rank read the whole source
+        if streamed or not gather:  # every rank read the whole source / keeps its part
             return f
         return D.unshard(D.all_gather_cat(f), len(idx))
 
     def _new_stats(self) -> ClassStats:
         """Statistics of the training part of the data (all classes it has)."""
-        assert self.feats is not None
-        idx = self.train_idx
-        return ClassStats.from_features(self.feats[idx], self.targets[idx], self.labels.names)
+        names = self.labels.names
+        if self.feats is not None:
+            idx = self.train_idx
+            return ClassStats.from_features(self.feats[idx], self.targets[idx], names)
+        keep = torch.isin(self.local_idx, self.train_idx)
+        local = ClassStats.from_features(
+            self.local_feats[keep], self.targets[self.local_idx[keep]], names
+        )
+        return D.all_reduce_stats(local)
 
     def _all_stats(self) -> ClassStats | None:
         """Old-class statistics (given, or from the memory) merged with the data's."""
-        if self.feats is None:
+        if self.feats is None and getattr(self, "local_feats", None) is None:
             return None
         s = self._new_stats()
         if self.old_stats is not None:
