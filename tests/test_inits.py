@@ -65,10 +65,16 @@ def test_imprint_from_ten_shots_recognises_new_digits_without_training(
     digits_base: nn.Module, digits_split: Split, digits_shots: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
     before = [p.detach().clone() for p in digits_base.parameters()]
-    model = _grow(digits_base, init="imprint", examples=digits_shots)
+    # level biases (the imprinted-weights paper's setting): new digits are recognised ...
+    model = _grow(digits_base, init="imprint", bias="mean", examples=digits_shots)
     x, y = digits_split.select([7, 8, 9], "test")
     acc = _accuracy(_predict(model, x), y)
     assert acc > 0.5, acc
+    # ... and the default bias ('balanced' for imprint) keeps the old digits as well
+    model = _grow(digits_base, init="imprint", examples=digits_shots)
+    xo, yo = digits_split.select(list(range(OLD)), "test")
+    assert _accuracy(_predict(model, xo), yo) > 0.8
+    assert _accuracy(_predict(model, x), y) > 0.3
     # no gradient step anywhere: the base model and the grown old rows are untouched
     assert all(torch.equal(a, b) for a, b in zip(before, digits_base.parameters()))
     assert torch.equal(_head(model).weight[:OLD], _head(digits_base).weight)

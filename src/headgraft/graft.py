@@ -136,7 +136,8 @@ def add_classes(
         init: a name from ``headgraft.INITS``; ``auto`` picks ``imprint`` with examples,
             ``stats`` with statistics, else ``random``.
         bias: a name from ``headgraft.BIASES``; ``auto`` keeps the initialiser's own bias if it
-            makes one (``stats``, ``copy``) and uses ``mean`` otherwise.
+            makes one (``stats``, ``copy``), uses the policy it suggests (``balanced`` for
+            ``imprint``) and ``mean`` otherwise.
         examples: ``(inputs, labels)`` or a DataLoader of new-class (and optionally old-class)
             examples; integer labels index the grown label list, strings are names.
         stats: class statistics of the head's inputs (for ``stats``, ``prior``, ``silent``).
@@ -251,7 +252,9 @@ def _bias_for(ctx: InitContext, rows: NewRows, bias: str, path: str,
             )
         return None
     if bias == "auto":
-        return rows.bias if rows.bias is not None else BIASES.get("mean")(ctx, rows)
+        if rows.bias is not None:
+            return rows.bias
+        return BIASES.get(rows.bias_policy or "mean")(ctx, rows)
     return BIASES.get(bias)(ctx, rows)
 
 

@@ -105,12 +105,14 @@ class InitContext:
 class NewRows:
     """What an initialiser produced.
 
-    ``bias`` is the initialiser's own suggestion (used when the bias policy is ``auto``);
-    ``old_weight``/``old_bias`` are set only when the caller allowed re-solving old rows.
+    ``bias`` is the initialiser's own suggestion, or ``bias_policy`` the policy it suggests
+    (used when the caller's policy is ``auto``, else ``mean``); ``old_weight``/``old_bias``
+    are set only when the caller allowed re-solving old rows.
     """
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+    bias_policy: str | None = None
     old_weight: torch.Tensor | None = None
     old_bias: torch.Tensor | None = None
 
@@ -231,7 +233,9 @@ def _mean(ctx: InitContext) -> NewRows:
 @INITS.register(
     "imprint",
     "L2-normalised mean feature of each new class's examples, scaled to the old rows' mean "
-    "norm (Qi et al., imprinted weights); needs examples",
+    "norm (Qi et al., imprinted weights); needs examples. Its auto bias is 'balanced': at "
+    "level biases imprinted rows win on most old-class inputs whose features share a common "
+    "component (ReLU features)",
 )
 def _imprint(ctx: InitContext) -> NewRows:
     feats = ctx.need_features("init 'imprint'")
@@ -239,7 +243,7 @@ def _imprint(ctx: InitContext) -> NewRows:
     w = torch.stack(
         [F.normalize(F.normalize(feats[c], dim=1).mean(0), dim=0) for c in ctx.new_labels]
     )
-    return NewRows(w * scale)
+    return NewRows(w * scale, bias_policy="balanced")
 
 
 @INITS.register(
