@@ -130,7 +130,8 @@ class ClassStats:
         return torch.log(self.counts.double().clamp_min(1) / max(self.total, 1))
 
     def lda(self, shrinkage: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shared-covariance LDA rows: ``w_c = S^-1 mu_c``, ``b_c = -mu_c S^-1 mu_c / 2 + log p_c``."""
+        """Shared-covariance LDA rows: ``w_c = S^-1 mu_c``,
+        ``b_c = -mu_c S^-1 mu_c / 2 + log p_c``."""
         empty = [c for c, n in zip(self.labels, self.counts.tolist()) if n == 0]
         if empty:
             raise InputError(f"no examples of class(es) {', '.join(empty[:10])} in the "

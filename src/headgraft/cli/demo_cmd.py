@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -13,11 +14,11 @@ from ._app import app, console, print_json
 
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("headgraft-demo"), "--out", "-o",
-                             help="Folder for the report, plots, checkpoints and JSON."),
-    seeds: int = typer.Option(1, help="Seeds per strategy (mean ± spread when > 1)."),
-    quick: bool = typer.Option(False, "--quick", help="Shorter training (under a minute)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the numbers as JSON."),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the report, plots, "
+                                      "checkpoints and JSON.")] = Path("headgraft-demo"),
+    seeds: Annotated[int, typer.Option(help="Seeds per strategy (mean ± spread when > 1).")] = 1,
+    quick: Annotated[bool, typer.Option("--quick", help="Shorter training, for tests.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
 ) -> None:
     """Train an MLP on digits 0-6, add 7-9, and measure every way of doing it.
 
