@@ -33,6 +33,20 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
+    """This process's rank: from the process group, or from ``torchrun``'s environment once
+    the group is gone (so only rank 0 writes outputs after training)."""
+    if is_distributed():
+        return dist.get_rank()
+    if env_world_size() > 1:
+        try:
+            return int(os.environ.get("RANK", "0"))
+        except ValueError:
+            return 0
+    return 0
+
+
+def group_rank() -> int:
+    """This process's rank in the live process group (0 without one)."""
     return dist.get_rank() if is_distributed() else 0
 
 
@@ -86,6 +100,8 @@ def barrier() -> None:
 
 def shard(n: int) -> torch.Tensor:
     """Indices ``0..n-1`` this rank handles (every ``world_size``-th one)."""
+    if not is_distributed():
+        return torch.arange(n)
     return torch.arange(rank(), n, world_size())
 
 

@@ -1006,7 +1006,7 @@ class _Run:
             with torch.random.fork_rng(devices=cuda), bar:
                 for epoch in range(start, self.epochs):
                     t0 = time.perf_counter()
-                    torch.manual_seed(_epoch_seed(cfg.seed, epoch) + D.rank())
+                    torch.manual_seed(_epoch_seed(cfg.seed, epoch) + D.group_rank())
                     trainable.train()
                     if self.cfg.regime == "full" and not self.train_backbone:
                         self.model.eval()
@@ -1095,7 +1095,7 @@ class _Run:
             perm = pool[torch.randperm(len(pool), generator=g)]
             batches = iter(perm.split(self._real_batch_size()))
         for batch in batches:
-            yield batch[D.rank() :: D.world_size()]
+            yield batch[D.group_rank() :: D.world_size()]
 
     def _pseudo_setup(self) -> None:
         self.pseudo = None
@@ -1121,8 +1121,8 @@ class _Run:
         cls = torch.cat([torch.randperm(len(mu), generator=g) for _ in range(reps)])[:n]
         z = torch.randn(n, mu.shape[1], generator=g)
         x = mu[cls] + z @ chol.T
-        share = cls[D.rank() :: D.world_size()]
-        return x[D.rank() :: D.world_size()], share
+        share = cls[D.group_rank() :: D.world_size()]
+        return x[D.group_rank() :: D.world_size()], share
 
     def _step(
         self,
