@@ -316,3 +316,30 @@ def test_weight_align_with_clipping_and_bf16_autocast(scenario) -> None:
     assert result.resolved["precision"] == "bfloat16" and result.correction["name"] == (
         "weight-align"
     )
+
+
+def test_full_regime_with_frozen_backbone_and_a_dataloader(scenario) -> None:
+    """A map-style Dataset may augment at random, so the teacher runs live every step; with
+    freeze='backbone' only the head learns even though every step runs the whole model."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    y = torch.tensor([int(c) for c in scenario.y_new])  # integers index old + new labels
+    loader = DataLoader(TensorDataset(scenario.x_new, y), batch_size=32)
+    with pytest.raises(InputError, match="new_labels"):
+        learn(scenario.model(), loader, regime="full", epochs=1)
+    model = scenario.model()
+    body = {k: v.clone() for k, v in model[:4].state_dict().items()}
+    result = learn(
+        model,
+        loader,
+        new_labels=NEW,
+        recipe="lwf",
+        regime="full",
+        freeze="backbone",
+        epochs=2,
+        seed=0,
+    )
+    assert result.resolved["cache_teacher"] is False and result.history[-1]["distill"] > 0
+    assert all(torch.equal(v, body[k]) for k, v in model[:4].state_dict().items())
+    assert model[4].weight.shape == (10, 128)
+    assert _score(model, scenario).new_accuracy > 0.8

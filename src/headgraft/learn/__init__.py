@@ -3,7 +3,21 @@
 The pieces work alone in any training loop (``DistillationLoss``, ``freeze_old_rows``,
 ``ExemplarMemory``, ``calibrate``) and together in :func:`learn` / :class:`Learner`, whose
 options are registered strategies (``REGIMES``, ``SOLVERS``, ``REPLAYS``, ``FREEZES``,
-``CALIBRATIONS``, ``SELECTIONS``, ``RECIPES`` ...).
+``CALIBRATIONS``, ``SELECTIONS``, ``RECIPES`` ...). The package itself is callable:
+``headgraft.learn(model, data, ...)`` is :func:`learn`.
+
+Example:
+    >>> stats = headgraft.ClassStats.collect(model, old_data)    # once, before grafting
+    >>> result = headgraft.learn(model, new_data, stats=stats)   # data-free, closed form
+    >>> result = headgraft.learn(model, new_data, old_data=old_data, recipe="replay",
+    ...                          regime="full", epochs=10)      # 20 exemplars per class
+    >>> report = headgraft.evaluate(result.model, test_data, old_labels=result.old_labels)
+
+In your own loop::
+
+    distill = DistillationLoss(temperature=2.0, alpha=1.0)   # teacher: the pre-graft model
+    handle = freeze_old_rows(model, optimizer, num_old=7)     # bit-identical old rows
+    loss = F.cross_entropy(logits, y) + distill(logits, teacher_logits)
 """
 
 from .calibrate import CALIBRATIONS as CALIBRATIONS

@@ -509,8 +509,15 @@ class _Run:
         new = self.new_labels_arg
         if new is None:
             missing = [n for n in data_names if n not in old_map]
+            beyond = [y for y in raw if not isinstance(y, str) and int(y) >= len(old_map)]
             if missing:
                 new = missing
+            elif beyond:
+                raise InputError(
+                    f"the data has label index {int(max(beyond))} but the model "
+                    f"has {len(old_map)} classes; name the new classes with "
+                    "new_labels=[...] (CLI: --new-labels a,b)"
+                )
             else:
                 module = find_head(self.model, self.cfg.head).module
                 if isinstance(module, SplitHead):
