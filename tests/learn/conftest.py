@@ -14,9 +14,6 @@ from headgraft.data import Split, digits
 from headgraft.demo import train_base
 from headgraft.stats import ClassStats
 
-# tiny models on a shared 2-core machine: one thread avoids oversubscription (15x slower)
-torch.set_num_threads(1)
-
 OLD = [str(c) for c in range(7)]
 NEW = ["7", "8", "9"]
 
@@ -38,6 +35,16 @@ class Scenario:
     @property
     def test(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split.x_test, self.split.y_test
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription
+    (15x slower otherwise); restored after each module so other tests are unaffected."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
