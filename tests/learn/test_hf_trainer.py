@@ -2,10 +2,13 @@
 
 Scenario (real data, the package's digits split): the MLP trained on digits 0-6 gets 7-9
 grafted (imprinted from 10 shots each); then a plain ``Trainer`` trains the whole network
-(backbone included, AdamW with weight decay) on the new digits plus 20 herding exemplars per
-old digit, with ``GraftCallback`` added. Measured on this machine (seed 0): pre-graft old-class
-accuracy 97.1%; after the run old 96.6%, new 93.5%, all 95.7%; the same run without the
-callback: old 93.7% with the old rows moved.
+(backbone included, AdamW with weight decay 0.05, lr 1e-3, 40 epochs) on the new digits plus
+30 herding exemplars per old digit (repeated 4x so that every class is about equally
+frequent), with ``GraftCallback`` added. Old-class accuracy counts predictions over all ten
+classes. Measured on this machine (seed 0): pre-graft old 98.9%; after the run old 97.9%,
+new 95.0%, all 97.0%, old rows bit-identical. The same run without the callback: old 94.5%
+with the old rows moved. With 20 exemplars per class (repeated 6x) the callback run keeps
+old 96.8%, i.e. just outside the 2-point bar; 40 exemplars give 97.4-97.6%.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def _args(tmp_path, **kw) -> TrainingArguments:
     defaults = dict(
         output_dir=str(tmp_path),
         per_device_train_batch_size=32,
-        num_train_epochs=25,
+        num_train_epochs=40,
         learning_rate=1e-3,
         weight_decay=0.05,
         lr_scheduler_type="constant",
@@ -70,15 +73,18 @@ def _args(tmp_path, **kw) -> TrainingArguments:
 
 @pytest.fixture(scope="module")
 def scenario(digits_split, digits_base, digits_shots):
-    """The grafted classifier and its training set (new digits + 20 exemplars per old one)."""
+    """The grafted classifier and its training set (new digits + 30 exemplars per old one,
+    repeated so that old and new classes are about equally frequent)."""
     s = digits_split
     base = Classifier(copy.deepcopy(digits_base))
     base.headgraft_labels = [str(c) for c in OLD]
     x_old, y_old = s.select(OLD)
     x_new, y_new = s.select(NEW)
-    memory = ExemplarMemory(per_class=20).build(base.net, (x_old, y_old))
+    memory = ExemplarMemory(per_class=30).build(base.net, (x_old, y_old))
     x_mem, names = memory.take((x_old, y_old))
     y_mem = torch.tensor([int(n) for n in names])
+    repeat = max(1, round(len(y_new) / len(NEW) / 30))
+    x_mem, y_mem = x_mem.repeat(repeat, 1), y_mem.repeat(repeat)
     grafted = hg.add_classes(
         copy.deepcopy(base), [str(c) for c in NEW], examples=digits_shots, seed=0
     )
@@ -116,8 +122,8 @@ def test_ordinary_trainer_with_callback_keeps_old_classes(scenario, digits_split
     )
     assert before >= 0.95
     assert old >= before - 0.02  # the issue's bar: within 2 points of the pre-graft model
-    assert new >= 0.88
-    assert every >= 0.94
+    assert new >= 0.93
+    assert every >= 0.96
     # the old rows went through AdamW with weight decay and came out bit-identical
     head = find_head(model).module
     assert torch.equal(head.weight[:7], old_rows) and torch.equal(head.bias[:7], old_bias)
@@ -144,6 +150,8 @@ def test_without_the_callback_old_rows_move_and_old_accuracy_drops(
 def test_distillation_is_added_to_the_models_loss(scenario, tmp_path):
     base, grafted, train = scenario
     model = copy.deepcopy(grafted)
+    with torch.no_grad():  # a student that has drifted from the teacher
+        model.net[0].weight.add_(0.2 * torch.randn_like(model.net[0].weight))
     callback = GraftCallback(teacher=copy.deepcopy(base), freeze_old=False, alpha=1.0)
     trainer = Trainer(
         model=model, args=_args(tmp_path, max_steps=1), train_dataset=train, callbacks=[callback]
@@ -169,13 +177,21 @@ def test_graft_trainer_handles_losses_the_trainer_computes(scenario, digits_spli
     base, grafted, train = scenario
     model = copy.deepcopy(grafted)
     old_rows = find_head(model).module.weight[:7].detach().clone()
+    seen: list[bool] = []
+
+    def smoothed(outputs, labels, num_items_in_batch=None):
+        seen.append(outputs.loss is None)  # the Trainer kept the labels from the model
+        return F.cross_entropy(outputs.logits, labels, label_smoothing=0.1)
+
     trainer = GraftTrainer(
         model=model,
-        args=_args(tmp_path, label_smoothing_factor=0.1, num_train_epochs=5),
+        args=_args(tmp_path, num_train_epochs=5),
         train_dataset=train,
+        compute_loss_func=smoothed,
         teacher=copy.deepcopy(base),
     )
     trainer.train()
+    assert seen and all(seen)
     assert torch.equal(find_head(model).module.weight[:7], old_rows)
     assert _accuracy(model, digits_split.x_test, digits_split.y_test, NEW) > 0.8
 
