@@ -194,13 +194,14 @@ def test_cli_exports_a_bare_head_checkpoint(tmp_path, capsys) -> None:
     save_file(
         {"weight": lin.weight.detach(), "bias": lin.bias.detach()},
         str(head),
-        metadata={"headgraft_labels": json.dumps(["x", "y", "z"])},
+        metadata={"labels": json.dumps(["x", "y", "z"])},
     )
     out = tmp_path / "head.onnx"
     args = ["export", str(head), "--input-shape", "12", "-o", str(out), "--no-dynamo", "--json"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["inputs"] == ["features"] and report["argmax_agree"] == 1.0
+    assert report["labels"] == ["x", "y", "z"] == exported_labels(out).names
     x = torch.randn(9, 12)
     got = run_exported(out, "onnx", {"features": x})
     assert torch.equal(got.argmax(-1), lin(x).argmax(-1))

@@ -231,7 +231,6 @@ POOLING = {
 the [CLS] token, or BERT's pooler (the input of ``BertForSequenceClassification``'s head)."""
 
 
-@torch.no_grad()
 def encode(
     texts: Sequence[str],
     model_dir: str | os.PathLike[str] | None = None,
@@ -244,14 +243,32 @@ def encode(
 
     ``model_dir`` defaults to the packaged MiniLM; ``pooling`` is a key of ``POOLING``.
     """
+    return encode_all(
+        texts, model_dir, poolings=(pooling,), batch_size=batch_size, max_length=max_length
+    )[pooling]
+
+
+@torch.no_grad()
+def encode_all(
+    texts: Sequence[str],
+    model_dir: str | os.PathLike[str] | None = None,
+    *,
+    poolings: Sequence[str] = ("mean",),
+    batch_size: int = 64,
+    max_length: int = 64,
+) -> dict[str, torch.Tensor]:
+    """Several poolings of one encoder pass: pooling name -> float32 ``[N, d]``."""
     from transformers import AutoModel, AutoTokenizer
 
-    if pooling not in POOLING:
-        raise InputError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLING)}")
+    unknown = [p for p in poolings if p not in POOLING]
+    if unknown:
+        raise InputError(
+            f"unknown pooling {', '.join(unknown)}; choose one of: {', '.join(POOLING)}"
+        )
     path = str(model_dir or minilm_dir())
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
-    out = []
+    out: dict[str, list[torch.Tensor]] = {p: [] for p in poolings}
     for i in range(0, len(texts), batch_size):
         batch = tokenizer(
             list(texts[i : i + batch_size]),
@@ -260,5 +277,7 @@ def encode(
             max_length=max_length,
             return_tensors="pt",
         )
-        out.append(POOLING[pooling](model(**batch), batch["attention_mask"]).float())
-    return torch.cat(out)
+        result = model(**batch)
+        for p in poolings:
+            out[p].append(POOLING[p](result, batch["attention_mask"]).float())
+    return {p: torch.cat(v) for p, v in out.items()}
