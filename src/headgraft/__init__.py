@@ -21,6 +21,7 @@ from .heads import Head as Head
 from .heads import find_head as find_head
 from .inits import BIASES as BIASES
 from .inits import INITS as INITS
+from .io.export import export as export
 from .io.optim import grow_optimizer_state as grow_optimizer_state
 from .labels import LabelMap as LabelMap
 from .labels import model_labels as labels  # noqa: F401
