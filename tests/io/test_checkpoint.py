@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 from collections import OrderedDict
@@ -11,9 +12,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from headgraft.errors import AmbiguousHeadError, HeadNotFoundError, InputError, UnsafeFileError
+from headgraft.io import checkpoint
 from headgraft.io.checkpoint import (
     DTYPES,
     HeadStack,
@@ -189,6 +192,151 @@ def test_rewrite_property_any_layout(tmp_path_factory, shapes, dtypes, head_rows
     for k, v in sd.items():
         if k != "head.weight":
             assert out[k].dtype == v.dtype and _bits(out[k]) == _bits(v)
+
+
+def _big_state(head_rows: int = 5) -> dict[str, torch.Tensor]:
+    """One tensor long enough to be worth aligning, the head after it, a small one last (the
+    safetensors writer orders tensors by name): two unchanged runs around the head."""
+    g = torch.Generator().manual_seed(1)
+    return {
+        "a.weight": torch.randn(checkpoint._ALIGN_FROM // 4 + 1000, generator=g),
+        "fc.bias": torch.randn(head_rows, generator=g),
+        "fc.weight": torch.randn(head_rows, 8, generator=g),
+        "z.weight": torch.randn(3, 7, generator=g),
+    }
+
+
+def _grown(sd: dict[str, torch.Tensor], k: int = 2) -> dict[str, torch.Tensor]:
+    return {
+        "fc.weight": torch.cat([sd["fc.weight"], torch.ones(k, 8)]),
+        "fc.bias": torch.cat([sd["fc.bias"], torch.zeros(k)]),
+    }
+
+
+def _page_offset(header, name: str) -> int:
+    return (header.data_start + header.entries[name].begin) % checkpoint._ALIGN
+
+
+def test_rewrite_keeps_the_longest_run_at_its_page_offset_with_a_padded_header(
+    tmp_path, monkeypatch
+) -> None:
+    """The header is padded with spaces so the big unchanged tensor sits at the same offset
+    modulo the page size as in the input; the in-kernel and the buffered copy give the same
+    bytes, and the file is valid for safe_open and load_file."""
+    sd = _big_state()
+    src = tmp_path / "in.safetensors"
+    save_file(sd, src, metadata={"format": "pt"})
+    grown = _grown(sd)
+    meta = {"format": "pt", "labels": json.dumps(list("abcdefg"))}  # the header grows
+    outputs = {}
+    for in_kernel in (True, False):
+        monkeypatch.setattr(checkpoint, "_IN_KERNEL", in_kernel)
+        outputs[in_kernel] = tmp_path / f"out-{in_kernel}.safetensors"
+        rewrite_safetensors(read_header(src), outputs[in_kernel], grown, meta)
+    dst = outputs[True]
+    assert dst.read_bytes() == outputs[False].read_bytes()
+    before, after = read_header(src), read_header(dst)
+    assert _page_offset(after, "a.weight") == _page_offset(before, "a.weight")
+    assert after.data_start % 8 == 0 and after.data_start > before.data_start
+    raw = dst.read_bytes()[8 : after.data_start]  # JSON, then only spaces up to the data
+    assert json.loads(raw)["a.weight"]["data_offsets"][0] == 0 and raw.rstrip(b" ")[-1:] == b"}"
+    assert set(list(after.entries)[-2:]) == {"fc.bias", "fc.weight"}  # replaced ones go last
+    out = load_file(dst)
+    assert _bits(out["a.weight"]) == _bits(sd["a.weight"]) and torch.equal(
+        out["z.weight"], sd["z.weight"]
+    )
+    assert torch.equal(out["fc.weight"], grown["fc.weight"])
+    with safe_open(str(dst), "pt") as f:
+        assert sorted(f.keys()) == sorted(sd) and f.metadata() == meta
+
+
+def test_small_files_get_no_alignment_padding(tmp_path) -> None:
+    sd = _mlp_state()
+    src = tmp_path / "in.safetensors"
+    save_file(sd, src)
+    dst = tmp_path / "out.safetensors"
+    rewrite_safetensors(read_header(src), dst, {"fc.bias": sd["fc.bias"] + 1}, {})
+    head = dst.read_bytes()[: read_header(dst).data_start]
+    assert len(head) - len(head.rstrip(b" ")) < 8
+
+
+@pytest.mark.parametrize(
+    "failure", [errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, "short"]
+)
+def test_a_refused_in_kernel_copy_falls_back_to_the_buffer_midway(
+    tmp_path, monkeypatch, failure
+) -> None:
+    """copy_file_range copies part of the run and then refuses (another file system, an old
+    kernel) or copies nothing more: the rest goes through the buffer, the file is identical."""
+    sd = _big_state()
+    src = tmp_path / "in.safetensors"
+    save_file(sd, src, metadata={"format": "pt"})
+    reference = tmp_path / "reference.safetensors"
+    monkeypatch.setattr(checkpoint, "_IN_KERNEL", False)
+    rewrite_safetensors(read_header(src), reference, _grown(sd), {"format": "pt"})
+
+    real = os.copy_file_range
+    calls = []
+
+    def flaky(src_fd, dst_fd, count, offset_src=None, offset_dst=None):
+        calls.append(count)
+        if len(calls) <= 2:  # the bytes up to the page boundary, then 1 MiB more
+            return real(src_fd, dst_fd, min(count, 1 << 20), offset_src, offset_dst)
+        if failure == "short":
+            return 0
+        raise OSError(failure, os.strerror(failure))
+
+    monkeypatch.setattr(checkpoint, "_IN_KERNEL", True)
+    monkeypatch.setattr(os, "copy_file_range", flaky, raising=False)
+    dst = tmp_path / "out.safetensors"
+    rewrite_safetensors(read_header(src), dst, _grown(sd), {"format": "pt"})
+    assert len(calls) == 3
+    assert dst.read_bytes() == reference.read_bytes()
+
+
+def test_sharded_hf_checkpoint_with_an_aligned_shard_loads_with_from_pretrained(tmp_path) -> None:
+    """A Hugging Face model saved in shards, the head's shard holding an 8 MiB layer: the
+    grown folder loads with from_pretrained (no ignore_mismatched_sizes), every other tensor
+    bit-identical, the old head rows too, and the big layer kept at its page offset."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=8192,
+        num_labels=3,
+    )
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    src = tmp_path / "sharded"
+    model.save_pretrained(src, max_shard_size="10MB")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["classifier.weight"]
+    big = "bert.encoder.layer.0.output.dense.weight"
+    assert index["weight_map"][big] == shard and len(set(index["weight_map"].values())) > 1
+
+    ckpt = open_checkpoint(src / "model.safetensors.index.json")
+    w, b = ckpt.tensor("classifier.weight"), ckpt.tensor("classifier.bias")
+    grown = {
+        "classifier.weight": torch.cat([w, torch.randn(2, 256)]),
+        "classifier.bias": torch.cat([b, torch.zeros(2)]),
+    }
+    out = tmp_path / "grown"
+    ckpt.write(out, grown, ["LABEL_0", "LABEL_1", "LABEL_2", "x", "y"])
+    assert _page_offset(read_header(out / shard), big) == _page_offset(
+        read_header(src / shard), big
+    )
+
+    loaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert loaded.config.num_labels == 5 and loaded.config.id2label[4] == "y"
+    new_sd, old_sd = loaded.state_dict(), model.state_dict()
+    for k, v in old_sd.items():
+        if not k.startswith("classifier."):
+            assert _bits(new_sd[k]) == _bits(v), k
+    assert _bits(new_sd["classifier.weight"]) == _bits(grown["classifier.weight"])
+    assert _bits(new_sd["classifier.weight"][:3]) == _bits(w)
 
 
 # ----------------------------------------------------------------------------- head tensors
