@@ -113,7 +113,7 @@ class DemoConfig:
     """Settings of a demo run (``quick`` shortens training for tests)."""
 
     out: Path = Path("headgraft-demo")
-    seeds: int = 1
+    seeds: int = 3
     quick: bool = False
     shots: int = 10
     memory: int = 20
@@ -126,7 +126,7 @@ class DemoConfig:
         if self.seeds < 1:
             raise InputError(f"--seeds must be at least 1, not {self.seeds}")
         if self.quick:
-            self.base_epochs, self.curve_epochs = 30, 6
+            self.seeds, self.base_epochs, self.curve_epochs = 1, 30, 6
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "out": str(self.out)}

@@ -16,8 +16,9 @@ from ._app import app, console, print_json
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the report, plots, "
                                       "checkpoints and JSON.")] = Path("headgraft-demo"),
-    seeds: Annotated[int, typer.Option(help="Seeds per strategy (mean ± spread when > 1).")] = 1,
-    quick: Annotated[bool, typer.Option("--quick", help="Shorter training, for tests.")] = False,
+    seeds: Annotated[int, typer.Option(help="Seeds per strategy (mean ± spread when > 1).")] = 3,
+    quick: Annotated[bool, typer.Option("--quick", help="One seed, shorter base training and "
+                                        "curves (for tests).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
 ) -> None:
     """Train an MLP on digits 0-6, add 7-9, and measure every way of doing it.
@@ -29,7 +30,7 @@ def demo(
 
     Examples:
       headgraft demo
-      headgraft demo --out /tmp/demo --seeds 3
+      headgraft demo --out /tmp/demo --seeds 5
       headgraft demo --quick --json
     """
     from ..demo import DemoConfig, run_demo, write_report
