@@ -20,6 +20,7 @@ from torch import nn
 import headgraft as hg
 from headgraft.cli import main
 from headgraft.errors import InputError, LabelError
+from headgraft.io.export import read_metadata
 from headgraft.multilabel import (
     METADATA_KEY,
     MultiLabelConfig,
@@ -257,4 +258,12 @@ def test_cli_graft_keeps_thresholds_beside_the_labels(base, tmp_path) -> None:
         got = f.metadata()
     assert json.loads(got["labels"]) == OLD + NEW
     assert from_metadata(got) == dict(zip(OLD, thresholds(base).tolist()))
-    assert METADATA_KEY in got
+    # and the export of the grown head says so too (new classes: the default until fitted)
+    onnx_file = tmp_path / "grown.onnx"
+    assert main(["export", str(out), "-o", str(onnx_file), "--no-dynamo"]) == 0
+    served = read_metadata(onnx_file)
+    assert served["problem_type"] == "multi_label_classification"
+    assert json.loads(served[METADATA_KEY]) == {
+        **dict(zip(OLD, thresholds(base).tolist())),
+        **{n: 0.5 for n in NEW},
+    }

@@ -39,6 +39,18 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
+def _carry_thresholds(loaded) -> None:
+    """A bare safetensors head keeps multi-label thresholds in its metadata (beside the
+    labels); put them on the head module so that the export carries them too."""
+    from ..multilabel import from_metadata, mark_multilabel
+
+    header = getattr(loaded.checkpoint, "header", None)
+    stored = from_metadata(getattr(header, "metadata", None))
+    if stored:
+        known = set(loaded.labels)
+        mark_multilabel(loaded.target, {k: v for k, v in stored.items() if k in known})
+
+
 @app.command(epilog=EXIT_CODES)
 def export(
     model: str | None = ModelArg,
@@ -92,6 +104,7 @@ def export(
         loaded = _load(model, arch, weights, head, trust_pickle)
         if Path(out).resolve() == Path(loaded.source).resolve():
             raise InputError(f"--out {out} is the input; choose another output file")
+        _carry_thresholds(loaded)
         target = loaded.target
         result = export_model(
             target,
