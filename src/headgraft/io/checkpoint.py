@@ -162,8 +162,10 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     )
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes in safetensors order, without a copy when it is already contiguous
+    on the CPU."""
+    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 _CHUNK = 1 << 20  # the buffered copy's buffer: small enough to stay in the CPU cache
