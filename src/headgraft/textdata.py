@@ -19,8 +19,9 @@ subject. ``stdlib_docs`` turns it into a topic-classification set:
    ``per_class`` are kept, so the set is deterministic for a given Python version.
 
 The task is harder than it looks (``Return the next item`` could come from several places),
-which makes it an honest test: a frozen MiniLM encoder with a linear head reaches roughly
-85-95% on it, not 100%.
+which makes it an honest test: a linear probe on frozen MiniLM sentence vectors reaches about
+76% over all ten topics (4-fold cross-validation, 120 texts per topic) and 80-88% on the
+eight used in the tests, not 100%.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..errors import InputError
 from ..io.export import EXPORT_FORMATS
-from ._app import app, console, print_json
+from ._app import app, console, console_err, print_json
 from .graft_cmds import (
     EXIT_CODES,
     ArchOpt,
@@ -116,6 +116,14 @@ def export(
             force=force,
             check=check,
             options={"opset": opset, "dynamo": dynamo},
+        )
+    if result.argmax_agree is not None and result.argmax_agree < 1.0:
+        console_err.print(
+            f"warning: the exported file and PyTorch disagree on {1 - result.argmax_agree:.0%} "
+            f"of the check inputs (max |logit diff| {result.max_abs_diff:.1e}); try "
+            "--no-dynamo or another --opset",
+            highlight=False,
+            markup=False,
         )
     if json_out:
         print_json(result.to_dict())
