@@ -19,15 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 import headgraft as hg
 from headgraft.heads import find_head
 from headgraft.learn import ExemplarMemory
 from headgraft.learn.hf import GraftCallback, GraftTrainer
-
-pytest.importorskip("accelerate")
-from transformers import Trainer, TrainingArguments  # noqa: E402
-from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
 OLD = list(range(7))
 NEW = [7, 8, 9]
