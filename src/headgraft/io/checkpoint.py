@@ -5,8 +5,9 @@ checkpoint (``model.safetensors.index.json``) and a PyTorch file (``.pt/.pth/.bi
 with ``torch.load(weights_only=True)``; pickles that it rejects need ``trust_pickle``).
 
 Growing the head of a safetensors file never loads the model: the new header is written, the
-unchanged tensors' bytes are copied range by range through a small buffer and only the head
-tensors are materialised, so peak memory is about one head, not the model. Label names travel in
+unchanged tensors' bytes are copied range by range (in the kernel where the header padding
+keeps them aligned, else through a small buffer) and only the head tensors are materialised,
+so peak memory is about one head, not the model. Label names travel in
 the safetensors metadata under ``labels`` (a JSON list) and in a torch state dict's
 ``_metadata[""]["headgraft_labels"]``.
 """
@@ -171,9 +172,10 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 _CHUNK = 1 << 20  # the buffered copy's buffer: small enough to stay in the CPU cache
 _WRITEBACK = 64 << 20  # start writing back every 64 MiB, so the final fsync has little left
 # Input and output bytes at the same offset modulo _ALIGN are "aligned". Measured on ext4
-# (Linux 6.18, 1 GiB): copy_file_range runs at `cp`'s speed when the offsets agree modulo
-# 64 KiB and 1.4x slower when they differ by 4 KiB (every large page-cache folio is split in
-# two), and the buffered copy gains too; file systems that share blocks need the alignment.
+# (Linux 6.18, 1 GiB in the page cache): copy_file_range runs at `cp`'s speed when the offsets
+# agree modulo 64 KiB, 1.4x slower when they differ by 4 KiB and 2-3x slower at a sub-page
+# shift (large page-cache folios split in two, presumably); the buffered copy is ~15% faster
+# aligned. File systems that share blocks (btrfs, xfs) need the alignment to share them.
 _ALIGN = max(mmap.PAGESIZE, 64 << 10)
 _ALIGN_FROM = 8 << 20  # shorter runs copy in milliseconds: not worth up to 64 KiB of padding
 _IN_KERNEL = hasattr(os, "copy_file_range")  # Linux; elsewhere every run is buffered
@@ -232,8 +234,8 @@ def _copy_in_kernel(src: int, dst: int, run: _Run) -> int:
     Fewer than ``run.length`` when the kernel refuses (another file system, no support, an
     I/O error): the caller copies the rest through a buffer, where a real error shows again.
     """
-    # the bytes up to the first page boundary alone, so that every later call starts on a
-    # page boundary on both sides (file systems that share blocks refuse unaligned ranges)
+    # the bytes up to the first _ALIGN boundary alone, so that every later call starts on one
+    # on both sides (file systems that share blocks refuse unaligned ranges)
     head = min(run.length, -run.dst % _ALIGN)
     done = 0
     flushed = run.dst
@@ -266,8 +268,8 @@ def _header_padding(size: int, data_start: int, runs: Sequence[_Run]) -> int:
 
     To a multiple of 8, as the safetensors writer pads; and, when the longest unchanged run
     is worth it, on to the output data start that puts that run at the same offset modulo
-    the page size as in the input (``data_start``), so it is copied page by page. Readers
-    accept trailing spaces in the header.
+    ``_ALIGN`` (64 KiB) as in the input (``data_start``), so the kernel copies it whole pages
+    at a time. Readers accept trailing spaces in the header.
     """
     pad = -size % 8
     if not runs:
@@ -288,7 +290,7 @@ def rewrite_safetensors(
     """Write ``header.path`` to ``dst`` with some tensors replaced (any shape, same names).
 
     Unchanged tensors keep their order and are copied as raw byte ranges, the longest of them
-    at the same page offset as in the input (the header is padded with spaces for that);
+    at the same offset modulo 64 KiB as in the input (the header is padded with spaces);
     replaced tensors go to the end of the data, where their new size shifts nothing. Memory
     use is the replaced tensors plus a 1 MiB buffer.
     """
