@@ -116,6 +116,11 @@ def head_features(
     Returns ``({path: float32 [N, d]}, labels, logits)``: labels as given (ints or names),
     logits of the model output when ``with_logits`` (else None).
     """
+    lookup = getattr(data, "cached_features", None)
+    if callable(lookup) and not with_logits:  # a feature cache wraps the data (io/cache.py)
+        def compute() -> dict[str, torch.Tensor]:  # iter(): the same batches, without the hook
+            return head_features(model, iter(data), paths, batch_size=batch_size)[0]
+        return lookup(model, paths, compute), list(data.names), None
     was_training = model.training
     model.eval()
     first = next(iter(model.parameters()), None)
