@@ -317,9 +317,9 @@ def _read_features(path: Path) -> tuple[torch.Tensor, list[Any], list[str] | Non
     except (SafetensorError, OSError) as e:
         raise InputError(f"{path} is not a readable safetensors file ({e})") from None
     classes = None
-    for key in ("classes", "labels"):
+    for name in ("classes", "labels"):  # not `key`: that names the tensor read above
         try:
-            value = json.loads(meta.get(key, "null"))
+            value = json.loads(meta.get(name, "null"))
         except json.JSONDecodeError:
             value = None
         if isinstance(value, list) and all(isinstance(c, str) for c in value):
