@@ -60,6 +60,13 @@ PickleOpt = typer.Option(
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON.")
 ForceOpt = typer.Option(False, "--force", help="Replace an existing output (never the input).")
 BatchOpt = typer.Option(64, "--batch-size", min=1, help="Examples per batch for --data.")
+CacheDirOpt = typer.Option(
+    None,
+    "--cache-dir",
+    help="Feature cache folder for image/text --data (default: $HEADGRAFT_CACHE or "
+    "~/.cache/headgraft/features); a second run on the same model and files runs no forward.",
+)
+NoCacheOpt = typer.Option(False, "--no-cache", help="Compute features without the cache.")
 InitArgOpt = typer.Option(
     [],
     "--init-arg",
@@ -173,6 +180,17 @@ def _print_head(title: str, info: dict[str, Any], labels: list[str]) -> None:
     console.print(table)
 
 
+def _feature_cache(cache_dir: str | None, no_cache: bool) -> Any:
+    """The feature cache of a command (None with --no-cache)."""
+    from ..io.cache import FeatureCache
+
+    return None if no_cache else FeatureCache(cache_dir)
+
+
+def _cache_report(cache: Any) -> dict[str, Any] | None:
+    return None if cache is None else cache.report.to_dict()
+
+
 def _load(
     model: str | None, arch: str | None, weights: str | None, head: str | None, trust_pickle: bool
 ) -> Any:
@@ -276,6 +294,8 @@ def add(
     ),
     seed: int | None = typer.Option(None, "--seed", help="Seed for random initialisers."),
     batch_size: int = BatchOpt,
+    cache_dir: str | None = CacheDirOpt,
+    no_cache: bool = NoCacheOpt,
     trust_pickle: bool = PickleOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
@@ -321,11 +341,14 @@ def add(
         check_output_name(loaded, out)
         old = loaded.labels
         grown = old.extend(new)  # duplicate or existing names fail here, before any work
-        examples = stats_obj = None
+        examples = stats_obj = cache = None
         if data is not None:
             from ..data import load_data
+            from ..io.cache import cached
 
             examples = load_data(data, loaded=loaded, labels=grown.names, batch_size=batch_size)
+            cache = _feature_cache(cache_dir, no_cache)
+            examples = cached(examples, cache)
         if stats is not None:
             from ..stats import ClassStats
 
@@ -360,6 +383,7 @@ def add(
         "verified": verified,
         "labels": loaded.labels.names,
         "optimizer_output": optimizer_out,
+        "cache": _cache_report(cache),
     }
     if json_out:
         print_json(result)
@@ -492,6 +516,8 @@ def stats(
     arch: str | None = ArchOpt,
     weights: str | None = WeightsOpt,
     batch_size: int = BatchOpt,
+    cache_dir: str | None = CacheDirOpt,
+    no_cache: bool = NoCacheOpt,
     trust_pickle: bool = PickleOpt,
     force: bool = ForceOpt,
     json_out: bool = JsonOpt,
@@ -514,9 +540,11 @@ def stats(
             )
         check_output(out, [model, weights, data], force=force)
         from ..data import load_data
+        from ..io.cache import cached
 
         loaded = _load(model, arch, weights, head, trust_pickle)
-        examples = load_data(data, loaded=loaded, batch_size=batch_size)
+        cache = _feature_cache(cache_dir, no_cache)
+        examples = cached(load_data(data, loaded=loaded, batch_size=batch_size), cache)
         known = loaded.labels.names
         order = [c for c in known if c in examples.classes]
         order += [c for c in examples.classes if c not in known]
@@ -534,6 +562,7 @@ def stats(
         "output": out,
         "dim": result.dim,
         "counts": dict(zip(result.labels, result.counts.tolist())),
+        "cache": _cache_report(cache),
     }
     if json_out:
         print_json(summary)

@@ -37,13 +37,17 @@ from .graft_cmds import (
     EXIT_CODES,
     ArchOpt,
     BatchOpt,
+    CacheDirOpt,
     ForceOpt,
     HeadOpt,
     JsonOpt,
     ModelArg,
+    NoCacheOpt,
     PickleOpt,
     WeightsOpt,
+    _cache_report,
     _command,
+    _feature_cache,
     _load,
     _split_labels,
 )
@@ -115,6 +119,8 @@ def learn(
     ),
     epochs: int | None = _opt(None, "--epochs", "Training epochs (default: by strategy)."),
     batch_size: int = BatchOpt,
+    cache_dir: str | None = CacheDirOpt,
+    no_cache: bool = NoCacheOpt,
     lr: float | None = _opt(None, "--lr", "Learning rate of the head."),
     backbone_lr: float | None = _opt(
         None, "--backbone-lr", "Backbone learning rate as a multiple of --lr."
@@ -225,7 +231,10 @@ def learn(
         if loaded.model is None and h.path != "" and not _is_features(data):
             loaded.require_model("learning from inputs other than features")
         n_before = h.num_classes
-        train = _open(data, loaded, batch_size)
+        from ..io.cache import cached
+
+        cache = _feature_cache(cache_dir, no_cache)  # used by the frozen regime
+        train = cached(_open(data, loaded, batch_size), cache)
         test_data = _open(test, loaded, batch_size) if test else None
         old = _open(old_data, loaded, batch_size) if old_data else None
         stats_obj = ClassStats.load(stats) if stats else None
@@ -257,7 +266,7 @@ def learn(
             if old_data:
                 result.memory.source = str(old_data)
             result.memory.save(memory_out, force=force)
-    summary = _learn_summary(result, out, ckpt, memory_out)
+    summary = {**_learn_summary(result, out, ckpt, memory_out), "cache": _cache_report(cache)}
     if json_out:
         print_json(summary)
         return

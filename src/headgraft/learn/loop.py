@@ -746,7 +746,9 @@ class _Run:
             return
         n = len(self.examples)
         if self.cfg.regime == "frozen" or not D.is_distributed():
-            self.feats = self._features(self.model, self.examples, torch.arange(n))
+            self.feats = self._cached_features(
+                lambda: self._features(self.model, self.examples, torch.arange(n))
+            )
         else:
             # full fine-tuning needs these features only for statistics: every rank keeps its
             # own shard, and the statistics are summed across ranks (one all-reduce)
@@ -764,6 +766,20 @@ class _Run:
                 self.mem_feats = self._features(
                     self.model, self.mem_examples, torch.arange(len(self.mem_examples))
                 )
+
+    def _cached_features(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()``, or the same features from the data's feature cache
+        (``headgraft.io.cache``): in the frozen regime a streamed source is read exactly as
+        ``head_features`` reads it (same batches, no autocast), so the entries are shared."""
+        source = getattr(self.examples, "source", None)
+        lookup = getattr(source, "cached_features", None)
+        if (
+            not callable(lookup)
+            or self.cfg.regime != "frozen"
+            or getattr(self.examples, "materialised", True)
+        ):
+            return compute()
+        return lookup(self.model, [self.path], lambda: {self.path: compute()})[self.path]
 
     @torch.no_grad()
     def _features(
