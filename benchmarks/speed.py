@@ -4,7 +4,9 @@
     and batch (AdamW, forward + backward + step), median of interleaved repetitions:
     * frozen backbone: the head trains on cached features; the teacher's old logits come
       from the same features (precomputed once with them, as ``learn`` does), so no extra
-      forward pass; also shown: the teacher head run on the features every step;
+      forward pass; also shown: the teacher head run on the features every step, and a
+      frozen backbone that runs every step (changing inputs) with the old head's logits
+      taken from the same features;
     * trainable backbone: the whole model trains; the teacher's logits are cached once when
       the inputs are fixed (``learn``'s default for tensors and feature files), or computed by
       a forward pass of the frozen teacher every step (inputs with random augmentation).
@@ -117,6 +119,36 @@ def _frozen_steps(
     return _time_steps(head, feats, losses, 1e-3, reps)
 
 
+def _frozen_backbone_steps(
+    backbone: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor, num_old: int,
+    reps: int,
+) -> dict[str, Any]:
+    """Steps whose frozen backbone runs every step (inputs that change, e.g. augmentation):
+    the teacher's old logits come from the same features through the frozen old head, so
+    distillation adds no backbone forward."""
+    distill = DistillationLoss(num_old, temperature=2.0, alpha=1.0)
+    backbone = copy.deepcopy(backbone).eval().requires_grad_(False)
+    t_head = copy.deepcopy(head).eval().requires_grad_(False)
+    h = copy.deepcopy(head).train()
+    opt = torch.optim.AdamW(h.parameters(), lr=1e-3, weight_decay=1e-4)
+
+    def step(with_distill: bool) -> None:
+        with torch.no_grad():
+            f = backbone(x)
+        z = h(f)
+        loss = F.cross_entropy(z, y)
+        if with_distill:
+            with torch.no_grad():
+                t = t_head(f)
+            loss = loss + distill(z, t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    fns = {"ce": lambda: step(False), "distill: old head on the same features": lambda: step(True)}
+    return _ratios(_timeit(fns, reps))
+
+
 def _trainable_steps(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_old: int, reps: int
 ) -> dict[str, Any]:
@@ -165,6 +197,11 @@ def bench_steps(reps: int) -> dict[str, Any]:
     model = resnet18(weights=None, num_classes=10)
     xr = torch.randn(32, 3, 32, 32, generator=g)
     yr = torch.randint(0, 10, (32,), generator=g)
+    backbone = copy.deepcopy(model)
+    backbone.fc = nn.Identity()
+    res["frozen"]["ResNet-18 32x32, frozen backbone run each step, batch 32"] = (
+        _frozen_backbone_steps(backbone, model.fc, xr, yr, 7, max(reps // 4, 5))
+    )
     res["trainable"]["ResNet-18 on 32x32, batch 32"] = _trainable_steps(
         model, xr, yr, 7, max(reps // 4, 5)
     )
