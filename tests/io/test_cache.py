@@ -109,6 +109,11 @@ def test_a_second_run_reads_the_cache_bit_identically_and_runs_no_forward(
     assert model.calls == 2 * n_batches  # no forward at all
     assert labels == labels1 == labels2 == [str(c) for c in CLASSES for _ in range(PER_CLASS)]
     assert torch.equal(fresh["fc"], first["fc"]) and torch.equal(fresh["fc"], second["fc"])
+    # read into aligned memory: BLAS rounds differently on the file's unaligned offsets, which
+    # would make every later product (logits, training) drift from the uncached run
+    assert second["fc"].data_ptr() % 64 == 0
+    w = torch.randn(10, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(second["fc"] @ w.T, fresh["fc"] @ w.T)
     assert fresh["fc"].shape == (len(CLASSES) * PER_CLASS, 32)
     assert cache.report.to_dict() == {
         "dir": str(cache.root),

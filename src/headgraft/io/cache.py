@@ -334,7 +334,10 @@ class FeatureCache:
                 paths = json.loads(meta["paths"])
                 if meta.get("key") != key or int(meta.get("format", -1)) != FORMAT:
                     raise ValueError("entry of another key or format")
-                out = {p: f.get_tensor(f"f{i}") for i, p in enumerate(paths)}
+                # clone: safetensors hands out memory at the file's offset (not 64-byte aligned),
+                # and BLAS rounds differently on unaligned data, so every later matmul (teacher
+                # logits, training) would drift in the last bits from the uncached run
+                out = {p: f.get_tensor(f"f{i}").clone() for i, p in enumerate(paths)}
             for t in out.values():
                 if t.dtype != torch.float32 or t.dim() != 2 or len(t) != n:
                     raise ValueError(f"a {t.dtype} {tuple(t.shape)} tensor for {n} examples")
