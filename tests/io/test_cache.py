@@ -181,6 +181,14 @@ def test_preprocessing_and_batch_size_change_the_key(images: Path, tmp_path: Pat
     # a mean that a repr rounds away (0.5000) still makes another key
     assert cache.key(model, ["fc"], _source(images, mean=0.5 + 1e-6)) != key
     assert cache.key(model, ["fc"], _source(images, batch_size=4)) != key
+    from torchvision import transforms as T
+
+    def with_lambda(factor: float) -> ImageFolder:
+        scale = T.Lambda(lambda x: x * factor)  # the closure's value is part of the key
+        return ImageFolder(images, 5, T.Compose([*_transform().transforms, scale]))
+
+    assert cache.key(model, ["fc"], with_lambda(2.0)) == cache.key(model, ["fc"], with_lambda(2.0))
+    assert cache.key(model, ["fc"], with_lambda(2.0)) != cache.key(model, ["fc"], with_lambda(3.0))
     (images / "0" / "extra").mkdir()
     _source(images).files[0].rename(images / "0" / "extra" / "moved.png")
     assert cache.key(model, ["fc"], _source(images)) != key  # paths name the classes

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -110,8 +111,10 @@ def model_fingerprint(model: nn.Module, paths: Sequence[str]) -> str:
 
 
 def describe(obj: Any, depth: int = 0) -> Any:
-    """A JSON-able description of a preprocessing object, complete enough to tell two apart
-    (tensors in full precision, which a ``repr`` rounds to four digits)."""
+    """A JSON-able description of a preprocessing object, complete enough to tell two apart:
+    public attributes recursively, tensors in full precision (a ``repr`` rounds them to four
+    digits), functions by their bytecode, constants and closure. Code a transform calls by
+    name (a method of its class) is identified by the class name and library versions only."""
     if depth > 8:
         return _clean(repr(obj))
     if obj is None or isinstance(obj, (bool, int, str)):
@@ -128,10 +131,26 @@ def describe(obj: Any, depth: int = 0) -> Any:
         return [describe(v, depth + 1) for v in obj]
     if isinstance(obj, dict):
         return {str(k): describe(v, depth + 1) for k, v in sorted(obj.items(), key=str)}
+    if isinstance(obj, (set, frozenset)):
+        return sorted((describe(v, depth + 1) for v in obj), key=repr)
+    if isinstance(obj, functools.partial):
+        return {"partial": describe(obj.func, depth + 1), "args": describe(obj.args, depth + 1),
+                "keywords": describe(obj.keywords, depth + 1)}  # fmt: skip
+    code = getattr(obj, "__code__", None)
+    if code is not None:  # a function (T.Lambda's): its bytecode, constants and closure
+        cells = [c.cell_contents for c in (getattr(obj, "__closure__", None) or ())]
+        return {
+            "function": f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}",
+            "code": hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest(),
+            "defaults": describe(getattr(obj, "__defaults__", None), depth + 1),
+            "closure": describe(cells, depth + 1),
+        }
     kind = type(obj)
     name = f"{kind.__module__}.{kind.__qualname__}"
-    if callable(obj) and not hasattr(obj, "__dict__"):
-        return name
+    if callable(obj) and not hasattr(obj, "__dict__"):  # a builtin: its own name
+        return f"{getattr(obj, '__module__', None) or kind.__module__}." + getattr(
+            obj, "__qualname__", kind.__qualname__
+        )
     if hasattr(obj, "__dict__") and not isinstance(obj, type):
         state = {
             k: describe(v, depth + 1)
