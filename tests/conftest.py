@@ -13,6 +13,21 @@ OLD_DIGITS = list(range(7))
 NEW_DIGITS = [7, 8, 9]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_feature_cache(tmp_path_factory):
+    """Keep the CLI's on-disk feature cache inside the test run (subprocesses inherit it),
+    so tests never read or write the user's ~/.cache."""
+    import os
+
+    old = os.environ.get("HEADGRAFT_CACHE")
+    os.environ["HEADGRAFT_CACHE"] = str(tmp_path_factory.mktemp("feature-cache"))
+    yield
+    if old is None:
+        os.environ.pop("HEADGRAFT_CACHE", None)
+    else:
+        os.environ["HEADGRAFT_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def digits_split() -> Split:
     """scikit-learn digits, the package's fixed 70/30 stratified split."""

@@ -184,3 +184,18 @@ def test_model_inputs_file_feeds_a_whole_model(tmp_path):
     bare = load_model(str(weights))
     with pytest.raises(InputError, match="needs the whole model"):
         load_data(path, loaded=bare)
+
+
+def test_torchvision_arch_images_use_the_weights_transforms():
+    """--arch torchvision:NAME: the preprocessing of NAME's default weights (EfficientNet's
+    bicubic resize, not the generic bilinear one)."""
+    from torchvision.models import EfficientNet_B0_Weights
+    from torchvision.transforms import InterpolationMode
+
+    from headgraft.data import image_transform
+
+    t = image_transform(None, "torchvision:efficientnet_b0")
+    assert t.interpolation == InterpolationMode.BICUBIC
+    assert repr(t) == repr(EfficientNet_B0_Weights.DEFAULT.transforms())
+    generic = image_transform(None, "torchvision:no_such_model")
+    assert "Resize" in repr(generic)

@@ -100,9 +100,18 @@ class DataSource:
         )
 
 
-def image_transform(model: Any) -> Callable[[Any], torch.Tensor]:
+def image_transform(model: Any, arch: str | None = None) -> Callable[[Any], torch.Tensor]:
     """The eval preprocessing for ``model``: timm's own (``resolve_data_config``) for models
-    with a ``pretrained_cfg``, else a 224-pixel ImageNet resize/crop/normalise."""
+    with a ``pretrained_cfg``; for ``--arch torchvision:NAME`` the transforms of NAME's default
+    weights (defined in code, nothing is downloaded); else a 224-pixel ImageNet
+    resize/crop/normalise."""
+    if arch is not None and arch.startswith("torchvision:"):
+        try:
+            from torchvision.models import get_model_weights
+
+            return get_model_weights(arch.partition(":")[2]).DEFAULT.transforms()
+        except (ModuleNotFoundError, ValueError, KeyError, AttributeError):
+            pass  # an architecture without published weights: the ImageNet default below
     if isinstance(getattr(model, "pretrained_cfg", None), dict):
         try:
             from timm.data import create_transform, resolve_data_config
@@ -351,7 +360,7 @@ def _open_images(path: Path, loaded: Any, labels: Sequence[str] | None, bs: int)
     model = loaded.require_model(f"image data ({path})")
     if loaded.processor is not None:
         return ImageFolder(path, bs, processor=loaded.processor)
-    return ImageFolder(path, bs, image_transform(model))
+    return ImageFolder(path, bs, image_transform(model, getattr(loaded, "arch", None)))
 
 
 def _open_text(path: Path, loaded: Any, labels: Sequence[str] | None, bs: int) -> DataSource:
