@@ -363,7 +363,7 @@ def write_report(res: DemoResult, cfg: DemoConfig) -> dict[str, Path]:
         rows.append({"strategy": name, "old %": fmt(v, "old_accuracy"),
                      "new %": fmt(v, "new_accuracy"), "all %": fmt(v, "all_accuracy"),
                      "old→new %": fmt(v, "old_as_new"),
-                     "seconds": f"{v['seconds']:.1f}"})
+                     "seconds": f"{v['seconds']:.2f}"})
     table = markdown_table(rows, ["strategy", "old %", "new %", "all %", "old→new %", "seconds"])
     graft_md = markdown_table(res.graft, ["init", "bias", "old", "new", "all", "old_as_new"])
     desc = "\n".join(f"- {s.name}: {s.description}" for s in STRATEGIES)
