@@ -14,7 +14,6 @@ It uses only the public API and writes a report folder: ``report.md``, ``report.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import shlex
 import statistics
@@ -166,24 +165,27 @@ def _write_npz(path: Path, x: torch.Tensor, names: list[str]) -> None:
             np.savez(f, inputs=x.numpy(), labels=np.array(names))
 
 
-def _base_model(cfg: DemoConfig, split: Split, seed: int) -> tuple[nn.Module, Path]:
+def _base_model(cfg: DemoConfig, split: Split, seed: int) -> nn.Module:
     """The base model of ``seed``: loaded from the output folder's cache, else trained."""
     path = cfg.out / f"base-seed{seed}.safetensors"
     if path.exists():
         loaded = load_model(str(path), arch=ARCH)
         if loaded.labels.names == OLD_NAMES:
-            model = loaded.model
-            model.eval()
-            return model, path
+            return loaded.model.eval()
     model = train_base(split, BASE, epochs=cfg.base_epochs, seed=seed)
     write_state_dict(model.state_dict(), path, OLD_NAMES, force=True)
-    return model, path
+    return model
+
+
+def _shots(split: Split, shots: int) -> tuple[torch.Tensor, list[str]]:
+    """The first ``shots`` training examples of each new class (imprint, copy, silent)."""
+    idx = torch.cat([torch.nonzero(split.y_train == c).flatten()[:shots] for c in NEW])
+    return split.x_train[idx], [split.labels[int(c)] for c in split.y_train[idx]]
 
 
 def _graft_rows(base: nn.Module, split: Split, stats: ClassStats, cfg: DemoConfig,
                 seed: int) -> list[dict[str, Any]]:
-    idx = torch.cat([torch.nonzero(split.y_train == c).flatten()[:cfg.shots] for c in NEW])
-    examples = (split.x_train[idx], [split.labels[int(c)] for c in split.y_train[idx]])
+    examples = _shots(split, cfg.shots)
     rows = []
     for init in INITS:
         for bias in ("auto", *BIASES):
@@ -200,8 +202,7 @@ def _graft_rows(base: nn.Module, split: Split, stats: ClassStats, cfg: DemoConfi
 def _curves(base: nn.Module, split: Split, stats: ClassStats, cfg: DemoConfig,
             seed: int, tick: Progress) -> dict[str, Any]:
     """Old/new accuracy after every epoch of the same training, one run per initialiser."""
-    idx = torch.cat([torch.nonzero(split.y_train == c).flatten()[:cfg.shots] for c in NEW])
-    examples = (split.x_train[idx], [split.labels[int(c)] for c in split.y_train[idx]])
+    examples = _shots(split, cfg.shots)
     out: dict[str, Any] = {"steps": [], "series": {}}
     for init in INITS:
         tick(f"convergence from init={init}")
@@ -278,7 +279,7 @@ def run_demo(cfg: DemoConfig, tick: Progress = lambda _msg: None) -> DemoResult:
     for seed in range(cfg.seeds):
         tick(f"base model on digits 0-6 (seed {seed})")
         t0 = time.perf_counter()
-        base, _ = _base_model(cfg, split, seed)
+        base = _base_model(cfg, split, seed)
         res.seconds.setdefault("base", 0.0)
         res.seconds["base"] += time.perf_counter() - t0
         stats = ClassStats.collect(base, _named(split, BASE))
@@ -394,8 +395,3 @@ def write_report(res: DemoResult, cfg: DemoConfig) -> dict[str, Path]:
     data = {**asdict(res), "commands": cmds}
     paths = rep.write(out, data=data)
     return {**paths, **figs}
-
-
-def load_results(folder: str | Path) -> dict[str, Any]:
-    """The raw numbers of a finished demo (``results.json``)."""
-    return json.loads((Path(folder) / "results.json").read_text())

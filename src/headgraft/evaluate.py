@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import InputError, LabelError
-from .features import _to, forward, iter_batches, logits_of
+from .features import forward, iter_batches, logits_of, to_device
 from .heads import find_head
 from .labels import LabelMap, model_labels
 from .layers import SplitHead
@@ -144,7 +144,7 @@ def _predict(
     raw: list[Any] = []
     try:
         for x, y in iter_batches(data, batch_size):
-            outs.append(logits_of(forward(model, _to(x, dev))).float().cpu())
+            outs.append(logits_of(forward(model, to_device(x, dev))).float().cpu())
             raw.extend(y.tolist() if isinstance(y, torch.Tensor) else list(y))
     finally:
         model.train(was)

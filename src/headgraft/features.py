@@ -48,15 +48,15 @@ def iter_batches(data: Any, batch_size: int = 256) -> Iterator[tuple[Any, Any]]:
             raise InputError("each batch must be (inputs, labels) or a dict with 'labels'")
 
 
-def _to(x: Any, device: torch.device) -> Any:
+def to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, torch.Tensor):
         return x.to(device)
     if isinstance(x, Mapping):
-        return {k: _to(v, device) for k, v in x.items()}
+        return {k: to_device(v, device) for k, v in x.items()}
     return x
 
 
-def _reduce(x: torch.Tensor, inputs: Any) -> torch.Tensor:
+def pool_features(x: torch.Tensor, inputs: Any) -> torch.Tensor:
     """One feature vector per example: pool a conv head's map, pick a sequence's last token."""
     if x.dim() == 4:  # [N, C, H, W] into a 1x1 conv head
         return x.mean(dim=(2, 3))
@@ -131,13 +131,13 @@ def head_features(
     try:
         with capture_inputs(model, paths) as store:
             for inputs, y in iter_batches(data, batch_size):
-                inputs = _to(inputs, device)
+                inputs = to_device(inputs, device)
                 out = forward(model, inputs)
                 if with_logits:
                     outs.append(logits_of(out).detach().float().cpu())
                 for p in paths:  # auxiliary heads (GoogLeNet) do not run in eval mode
                     if store[p]:
-                        feats[p].append(_reduce(store[p].pop(), inputs).float().cpu())
+                        feats[p].append(pool_features(store[p].pop(), inputs).float().cpu())
                         store[p].clear()
                 labels.extend(y.tolist() if isinstance(y, torch.Tensor) else list(y))
     finally:

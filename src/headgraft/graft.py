@@ -57,14 +57,18 @@ def full_rows(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return module.weight.detach(), (None if b is None else b.detach())
 
 
+def head_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits of a head module for features ``[N, d]`` (1x1-conv heads get ``[N, d, 1, 1]``)."""
+    if head_kind(module).dim == 1:
+        return module(x[:, :, None, None])[:, :, 0, 0]
+    return module(x)
+
+
 def head_logits(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """float32 logits of a head module for float32 features ``[N, d]``."""
+    """float32 logits of a head module for float32 features ``[N, d]``, without gradients."""
     w = leaf(module).weight
-    x = x.to(device=w.device, dtype=w.dtype)
     with torch.no_grad():
-        if head_kind(module).dim == 1:
-            return module(x[:, :, None, None])[:, :, 0, 0].float()
-        return module(x).float()
+        return head_forward(module, x.to(device=w.device, dtype=w.dtype)).float()
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:

@@ -24,17 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from ..graft import full_rows
-from ..heads import head_kind
+from ..graft import full_rows, head_forward, leaf
 from ..layers import CosineLinear, SplitHead
 from ..registry import Registry
-
-
-def head_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits of a head module for features ``[N, d]`` (1x1-conv heads get ``[N, d, 1, 1]``)."""
-    if head_kind(module).dim == 1:
-        return module(x[:, :, None, None])[:, :, 0, 0]
-    return module(x)
 
 
 @dataclass
@@ -61,7 +53,7 @@ class CalibrationContext:
         return bool(len(t)) and bool((t < self.num_old).any()) and bool((t >= self.num_old).any())
 
     def logits(self) -> torch.Tensor:
-        w = _leaf_weight(self.head)
+        w = leaf(self.head).weight
         with torch.no_grad():
             return head_forward(self.head, self.features.to(w.device, w.dtype)).float().cpu()
 
@@ -90,22 +82,12 @@ class Correction:
         if self.scale == 1.0 and self.shift == 0.0:
             return
         for weight, bias, start in _new_blocks(head, num_old):
-            if not isinstance(_leaf(head), CosineLinear):
+            if not isinstance(leaf(head), CosineLinear):
                 weight[start:].mul_(self.scale)
             if bias is not None:
                 bias[start:].mul_(
-                    self.scale if not isinstance(_leaf(head), CosineLinear) else 1.0
+                    self.scale if not isinstance(leaf(head), CosineLinear) else 1.0
                 ).add_(self.shift)
-
-
-def _leaf(head: nn.Module) -> nn.Module:
-    while isinstance(head, SplitHead):
-        head = head.old
-    return head
-
-
-def _leaf_weight(head: nn.Module) -> torch.Tensor:
-    return _leaf(head).weight
 
 
 def _new_blocks(head: nn.Module, num_old: int) -> list[tuple[torch.Tensor, Any, int]]:
@@ -140,7 +122,7 @@ def _none(ctx: CalibrationContext) -> Correction:
     "weights at 0 after each training step (for non-negative features)",
 )
 def _weight_align(ctx: CalibrationContext) -> Correction:
-    if isinstance(_leaf(ctx.head), CosineLinear):
+    if isinstance(leaf(ctx.head), CosineLinear):
         return Correction("weight-align", details={"note": "cosine head: norms do not matter"})
     w, _ = full_rows(ctx.head)
     norms = w.float().flatten(1).norm(dim=1)
@@ -158,8 +140,8 @@ def _fit_affine(ctx: CalibrationContext, name: str, with_shift: bool) -> Correct
         )
     z = ctx.logits()
     y = ctx.targets
-    has_bias = getattr(_leaf(ctx.head), "bias", None) is not None
-    cosine = isinstance(_leaf(ctx.head), CosineLinear)
+    has_bias = getattr(leaf(ctx.head), "bias", None) is not None
+    cosine = isinstance(leaf(ctx.head), CosineLinear)
     fit_scale = not cosine
     fit_shift = with_shift and has_bias
     if not fit_scale and not fit_shift:

@@ -37,14 +37,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import HeadgraftError, InputError, LabelError, UnsupportedHeadError
-from ..features import _reduce, _to, capture_inputs, forward, logits_of
-from ..graft import add_classes
+from ..features import capture_inputs, forward, logits_of, pool_features, to_device
+from ..graft import add_classes, head_forward
 from ..heads import find_head, get_module, head_kind, set_module, transplant_hooks
 from ..labels import model_labels, set_model_labels
 from ..layers import SplitHead
 from ..stats import ClassStats
 from . import distributed as D
-from .calibrate import CALIBRATIONS, calibrate, clip_nonnegative, head_forward
+from .calibrate import CALIBRATIONS, calibrate, clip_nonnegative
 from .data import Concat, Examples, LazyExamples
 from .freeze import FrozenRows, freeze_old_rows
 from .losses import (
@@ -805,9 +805,9 @@ class _Run:
         try:
             with capture_inputs(model, [path]) as store, self._autocast():
                 for x in chunks:
-                    inputs = _to(x, self.device)
+                    inputs = to_device(x, self.device)
                     forward(model, inputs)
-                    out.append(_reduce(store[path].pop(), inputs).float().cpu())
+                    out.append(pool_features(store[path].pop(), inputs).float().cpu())
                     store[path].clear()
         finally:
             model.train(was)
@@ -938,13 +938,13 @@ class _Run:
         want_feats = self.cfg.feature_distill > 0
         with capture_inputs(self.teacher_model, [self.path]) as store, self._autocast():
             for chunk in local.split(max(self.cfg.batch_size, 256)):
-                inputs = _to(pool.inputs(chunk), self.device)
+                inputs = to_device(pool.inputs(chunk), self.device)
                 out = logits_of(forward(self.teacher_model, inputs))
                 logits.append(out[:, : self.n_distill].float().cpu())
                 f = store[self.path].pop()
                 store[self.path].clear()
                 if want_feats:
-                    feats.append(_reduce(f, inputs).float().cpu())
+                    feats.append(pool_features(f, inputs).float().cpu())
         lg = D.unshard(
             D.all_gather_cat(torch.cat(logits) if logits else torch.zeros(0, self.n_distill)),
             len(idx),
@@ -1179,7 +1179,7 @@ class _Run:
             ce = F.cross_entropy(logits, y)
             return {"ce": ce, "loss": ce}
         pool = self._pool()
-        inputs = _to(pool.inputs(batch), self.device)
+        inputs = to_device(pool.inputs(batch), self.device)
         want_feats = feat_loss is not None
         with contextlib.ExitStack() as stack:
             store = (
@@ -1187,7 +1187,7 @@ class _Run:
             )
             with self._autocast():
                 logits = logits_of(forward(wrapped, inputs)).float()
-            s_feats = _reduce(store[self.path][-1], inputs) if store is not None else None
+            s_feats = pool_features(store[self.path][-1], inputs) if store is not None else None
         if self.distill and getattr(self, "teacher_cache", None) is not None:
             soft = self._full_soft(distill).select(batch)
             ce, kl = _ce_and_distill(logits, y, soft, distill)
@@ -1249,7 +1249,7 @@ class _Run:
         with capture_inputs(self.teacher_model, [self.path]) as store, self._autocast():
             out = logits_of(forward(self.teacher_model, inputs)).float()
         f = store[self.path][-1] if store[self.path] else None
-        return out[:, : self.n_distill], None if f is None else _reduce(f, inputs).float()
+        return out[:, : self.n_distill], None if f is None else pool_features(f, inputs).float()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype == torch.float32 or self.cfg.regime == "frozen":
